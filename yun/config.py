@@ -1,0 +1,192 @@
+"""Settings as frozen dataclasses. The CLI and the API fill them; components read them.
+
+`EngineConfig` fields carry their CLI help in `metadata["help"]`, so the flags of
+`yun serve|generate|chat|bench` are generated from this one list (see `yun.cli`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = _opt(
+        None,
+        "Model to serve: a local Hugging Face checkpoint folder or a hub id "
+        "(e.g. Qwen/Qwen2.5-0.5B-Instruct). Default: the embedded demo model "
+        "(random weights, meaningless text).",
+    )
+    dtype: str = _opt("auto", "Weights and activations dtype: auto (the checkpoint's), "
+                      "float32, bfloat16, float16 (CUDA only).", choices=DTYPES)
+    device: str = _opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available).")
+    max_model_len: int | None = _opt(
+        None, "Longest sequence (prompt + output) in tokens. Default: the model's "
+        "max_position_embeddings, capped by what the KV cache holds.")
+    block_size: int = _opt(16, "Tokens per KV-cache block.")
+    kv_cache_memory: int | None = _opt(
+        None, "KV-cache size in bytes (suffixes K, M, G accepted on the CLI). Default: "
+        "40%% of free RAM on CPU (at most 8 GiB), 80%% of free GPU memory on CUDA.")
+    max_num_seqs: int = _opt(64, "Most requests that run in one engine step.")
+    max_num_batched_tokens: int = _opt(
+        2048, "Token budget of one engine step (prefill chunks plus decodes).")
+    enable_chunked_prefill: bool = _opt(
+        True, "Split long prompts across steps so decodes keep flowing.")
+    enable_prefix_caching: bool = _opt(
+        True, "Reuse the KV cache of prompt prefixes seen before.")
+    seed: int = _opt(0, "Seed for requests that give none.")
+    num_threads: int | None = _opt(
+        None, "CPU threads for torch. Default: one per physical core available.")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(
+                f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The parts of a Hugging Face config.json that the shared layers read.
+
+    Architecture-specific extras (MoE sizes, MLA ranks) stay in `hf`.
+    """
+
+    path: str
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    torch_dtype: str  # the checkpoint's dtype name, e.g. "bfloat16"
+    attention_bias: bool
+    mlp_bias: bool
+    eos_token_ids: tuple[int, ...]
+    hf: dict[str, Any]
+
+    @classmethod
+    def from_folder(cls, path: str) -> "ModelConfig":
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{cfg_path}: missing; a checkpoint folder needs config.json")
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+        gen_path = os.path.join(path, "generation_config.json")
+        gen: dict[str, Any] = {}
+        if os.path.isfile(gen_path):
+            with open(gen_path, encoding="utf-8") as f:
+                gen = json.load(f)
+        return cls.from_dict(hf, path=path, generation_config=gen)
+
+    @classmethod
+    def from_dict(cls, hf: dict[str, Any], path: str = "",
+                  generation_config: dict[str, Any] | None = None) -> "ModelConfig":
+        archs = hf.get("architectures") or []
+        if not archs:
+            raise ValueError(f"{path}/config.json: no 'architectures' entry")
+        num_heads = hf["num_attention_heads"]
+        hidden = hf["hidden_size"]
+        head_dim = hf.get("head_dim") or hidden // num_heads
+        theta, scaling = _rope_settings(hf)
+        return cls(
+            path=path,
+            architecture=archs[0],
+            hidden_size=hidden,
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            intermediate_size=hf.get("intermediate_size", 4 * hidden),
+            vocab_size=hf["vocab_size"],
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            eos_token_ids=_eos_ids(hf, generation_config or {}),
+            hf=hf,
+        )
+
+
+def _rope_settings(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """rope_theta and rope scaling, from either config style.
+
+    Released checkpoints have `rope_theta` + `rope_scaling`; transformers 5 writes
+    `rope_parameters` = {"rope_type", "rope_theta", ...scaling fields}.
+    """
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type form
+        params = params["full_attention"]
+    scaling = hf.get("rope_scaling")
+    theta = hf.get("rope_theta")
+    if isinstance(params, dict):
+        theta = params.get("rope_theta", theta)
+        if scaling is None:
+            scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling:
+        scaling = dict(scaling)
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        scaling["rope_type"] = kind
+        if kind == "default":
+            scaling = None
+    return float(theta if theta is not None else 10000.0), scaling or None
+
+
+def _eos_ids(hf: dict[str, Any], gen: dict[str, Any]) -> tuple[int, ...]:
+    ids: list[int] = []
+    for source in (gen.get("eos_token_id"), hf.get("eos_token_id")):
+        if source is None:
+            continue
+        for i in source if isinstance(source, list) else [source]:
+            if i not in ids:
+                ids.append(int(i))
+    return tuple(ids)
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'4G' -> 4 * 2**30; plain integers are bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in "KMGT" else t
+    try:
+        return int(float(num) * mult)
+    except ValueError as e:
+        raise ValueError(f"not a size: {text!r} (try 512M or 4G)") from e

@@ -1,0 +1,222 @@
+"""LLMEngine: the synchronous core. `step()` = schedule, run, update, detokenize.
+
+One request from the API (`n` completions) becomes `n` engine requests ("children");
+the engine aggregates them back into one RequestOutput.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass, field, replace
+
+from yun.config import EngineConfig, ModelConfig
+from yun.engine.detokenize import IncrementalDetokenizer
+from yun.engine.kv_cache import KVCacheManager
+from yun.engine.request import Request, RequestStatus
+from yun.engine.runner import ModelRunner
+from yun.engine.scheduler import Scheduler, SchedulerConfig
+from yun.model_source import resolve_model
+from yun.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from yun.sampling_params import SamplingParams
+from yun.tokenizer import Tokenizer
+
+
+@dataclass
+class _Child:
+    request: Request
+    detok: IncrementalDetokenizer
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: list[_Child] = field(default_factory=list)
+    arrival: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        path = resolve_model(config.model)
+        self.model_config = ModelConfig.from_folder(path)
+        self.tokenizer = Tokenizer.from_folder(path)
+        self.runner = ModelRunner(self.model_config, config)
+        num_blocks = self.runner.allocate_kv_cache(config.kv_cache_memory)
+        capacity = num_blocks * config.block_size
+        self.max_model_len = self._resolve_max_len(config.max_model_len, capacity)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        batched = config.max_num_batched_tokens
+        if not config.enable_chunked_prefill:
+            batched = max(batched, self.max_model_len)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, batched, self.max_model_len,
+                            config.enable_chunked_prefill), self.kv)
+        self.eos_token_ids = self._eos_ids()
+        self._parents: dict[str, _Parent] = {}
+        self._child_to_parent: dict[str, str] = {}
+        self._seed_rng = random.Random(config.seed)
+        self._ids = itertools.count()
+
+    def _resolve_max_len(self, wanted: int | None, capacity: int) -> int:
+        limit = self.model_config.max_position_embeddings
+        if wanted is None:
+            return min(limit, capacity)
+        if wanted > limit:
+            raise ValueError(f"max_model_len={wanted} exceeds the model's "
+                             f"max_position_embeddings ({limit})")
+        if wanted > capacity:
+            raise ValueError(f"max_model_len={wanted} does not fit the KV cache "
+                             f"({capacity} tokens); raise kv_cache_memory")
+        return wanted
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids = list(self.model_config.eos_token_ids)
+        tok_eos = self.tokenizer.eos_token_id
+        if tok_eos is not None and tok_eos not in ids:
+            ids.append(tok_eos)
+        return tuple(ids)
+
+    # ---- requests ----------------------------------------------------------------------
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams, prompt: str | None = None) -> None:
+        """Queue a request. Raises ValueError for input the model cannot take."""
+        if request_id in self._parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        n_prompt = len(prompt_token_ids)
+        if n_prompt == 0:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if n_prompt >= self.max_model_len:
+            raise ValueError(f"the prompt has {n_prompt} tokens, but the model's context "
+                             f"length is {self.max_model_len} tokens")
+        room = self.max_model_len - n_prompt
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(
+                f"the prompt ({n_prompt} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                f"the model's context length of {self.max_model_len} tokens")
+        params = replace(params, _eos_token_ids=self.eos_token_ids)
+        parent = _Parent(request_id, prompt, list(prompt_token_ids), params)
+        for i in range(params.n):
+            seed = (params.seed + i) if params.seed is not None else self._seed_rng.getrandbits(63)
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(child_id, parent.prompt_token_ids, params,
+                          max_tokens=min(params.max_tokens or room, room), seed=seed)
+            parent.children.append(_Child(req, IncrementalDetokenizer(
+                self.tokenizer, parent.prompt_token_ids, params)))
+            self._child_to_parent[child_id] = request_id
+        self._parents[request_id] = parent
+        for child in parent.children:
+            self.scheduler.add_request(child.request)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks. Returns whether it was known."""
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return False
+        for child in parent.children:
+            self.scheduler.abort(child.request.request_id)
+            self._forget(child.request.request_id)
+        return True
+
+    def _forget(self, child_id: str) -> None:
+        self.runner.release(child_id)
+        self._child_to_parent.pop(child_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._parents)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the loop body -----------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns outputs of the requests that changed."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        changed = self.scheduler.update(sched, result)
+        touched: dict[str, _Parent] = {}
+        now = time.monotonic()
+        for req in changed:
+            parent_id = self._child_to_parent.get(req.request_id)
+            if parent_id is None:
+                continue
+            parent = self._parents[parent_id]
+            child = next(c for c in parent.children if c.request is req)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            stop = child.detok.update([req.output_token_ids[-1]])
+            if stop is not None and not req.is_finished:
+                req.stop_reason = stop
+                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+            if req.is_finished:
+                child.finish_reason = req.status.value
+                self._forget(req.request_id)
+            touched[parent_id] = parent
+        outputs = [self._make_output(p) for p in touched.values()]
+        for p in touched.values():
+            if p.finished:
+                self._parents.pop(p.request_id, None)
+        return outputs
+
+    def _make_output(self, parent: _Parent) -> RequestOutput:
+        outs = []
+        for i, c in enumerate(parent.children):
+            req = c.request
+            outs.append(CompletionOutput(
+                index=i,
+                text=c.detok.output_text(c.finish_reason is not None),
+                token_ids=list(req.output_token_ids),
+                finish_reason=c.finish_reason,
+                stop_reason=req.stop_reason,
+                logprobs=self._named(req.logprobs) if parent.params.logprobs is not None else None,
+            ))
+        first = parent.children[0].request
+        metrics = {"arrival_time": parent.arrival}
+        if first.first_token_time is not None:
+            metrics["first_token_time"] = first.first_token_time
+        prompt_lps = None
+        if parent.params.prompt_logprobs is not None:
+            prompt_lps = [None if e is None else self._named([e])[0]
+                          for e in first.prompt_logprobs]
+        return RequestOutput(
+            request_id=parent.request_id, prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids, outputs=outs,
+            finished=parent.finished, prompt_logprobs=prompt_lps,
+            num_cached_tokens=first.num_cached_tokens, metrics=metrics)
+
+    def _named(self, entries: list[PositionLogprobs]) -> list[PositionLogprobs]:
+        """Fill each Logprob's decoded_token (once per entry)."""
+        for e in entries:
+            for tok, lp in e.items():
+                if lp.decoded_token is None:
+                    lp.decoded_token = self.tokenizer.id_to_token(tok)
+        return entries
+
+    # ---- convenience -------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+
+__all__ = ["LLMEngine", "Logprob"]

@@ -1,0 +1,126 @@
+"""Logits -> next tokens, one batched pass with per-request settings.
+
+Order: raw logprobs (reported as the model's distribution) -> penalties -> min_tokens
+mask -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw with the
+request's own generator (so a seed gives the same tokens whatever shares the batch).
+Shapes: B = requests sampled this step, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from yun.outputs import Logprob, PositionLogprobs
+from yun.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    generator: torch.Generator | None  # None for greedy rows
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+
+def _penalize(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Repetition (prompt + output), presence and frequency (output) penalties, in place."""
+    B, V = logits.shape
+    dev = logits.device
+    for i, row in enumerate(rows):
+        p = row.params
+        if not p.needs_penalties:
+            continue
+        if row.output_token_ids and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(torch.tensor(row.output_token_ids, device=dev),
+                                    minlength=V)[:V].to(logits.dtype)  # [V]
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(row.prompt_token_ids + row.output_token_ids, device=dev)
+            seen = seen[seen < V].unique()
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty,
+                                          vals * p.repetition_penalty)
+
+
+def _mask_early_stop(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Before min_tokens outputs, EOS and stop token ids cannot be picked."""
+    for i, row in enumerate(rows):
+        p = row.params
+        if len(row.output_token_ids) < p.min_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p._eos_token_ids))
+            banned = [t for t in banned if t < logits.shape[1]]
+            if banned:
+                logits[i, banned] = float("-inf")
+
+
+def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p over the sampled rows -> probabilities [B, V]."""
+    dev = logits.device
+    temps = torch.tensor([r.params.temperature for r in rows], device=dev)
+    logits = logits / temps.unsqueeze(1)
+    top_k = [r.params.top_k for r in rows]
+    if any(top_k):
+        V = logits.shape[1]
+        k = torch.tensor([t if t else V for t in top_k], device=dev).clamp(max=V)
+        kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))  # [B,1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_p = torch.tensor([r.params.top_p for r in rows], device=dev)
+    if bool((top_p < 1.0).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already hold top_p of the mass.
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p.unsqueeze(1)
+        drop[:, 0] = False
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    min_p = torch.tensor([r.params.min_p for r in rows], device=dev)
+    if bool((min_p > 0).any()):
+        keep = probs >= min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        probs = probs * keep
+    return probs
+
+
+def _logprob_entry(raw: torch.Tensor, token: int, n: int, decode=None) -> PositionLogprobs:
+    """raw: [V] log-probabilities -> {token: Logprob} for the chosen token and the top-n."""
+    chosen = float(raw[token])
+    entry: PositionLogprobs = {}
+    if n > 0:
+        vals, ids = raw.topk(n)
+        for rank, (v, t) in enumerate(zip(vals.tolist(), ids.tolist()), start=1):
+            entry[t] = Logprob(v, rank)
+    if token not in entry:
+        entry[token] = Logprob(chosen, int((raw > chosen).sum()) + 1)
+    return entry
+
+
+def logprobs_for(raw: torch.Tensor, tokens: list[int], n: int) -> list[PositionLogprobs]:
+    """raw: [N, V] log-probabilities, tokens: [N] chosen ids."""
+    return [_logprob_entry(raw[i], t, n) for i, t in enumerate(tokens)]
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]
+                 ) -> tuple[list[int], list[PositionLogprobs | None]]:
+        """logits: [B, V] float32 -> (token per row, logprobs entry per row or None)."""
+        want_lp = [r.params.logprobs is not None for r in rows]
+        raw = logits.log_softmax(-1) if any(want_lp) else None  # [B, V]
+        if any(r.params.needs_penalties for r in rows):
+            logits = logits.clone()
+            _penalize(logits, rows)
+        if any(len(r.output_token_ids) < r.params.min_tokens for r in rows):
+            logits = logits.clone()
+            _mask_early_stop(logits, rows)
+        tokens = logits.argmax(dim=-1)  # [B] greedy picks; sampled rows overwritten below
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if sampled:
+            probs = _filter(logits[sampled], [rows[i] for i in sampled])
+            for j, i in enumerate(sampled):
+                tokens[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
+        token_list = tokens.tolist()
+        lps: list[PositionLogprobs | None] = [None] * len(rows)
+        for i, r in enumerate(rows):
+            if want_lp[i]:
+                lps[i] = _logprob_entry(raw[i], token_list[i], r.params.logprobs)
+        return token_list, lps

@@ -1,0 +1,66 @@
+"""Attention over the paged KV cache (torch SDPA; correct on CPU and CUDA).
+
+The cache of one layer is `[2, num_blocks, block_size, kv_heads, head_dim]` (K then V).
+New keys/values are written to their slots first; then decodes (one query each) run as
+one batched SDPA over their gathered blocks, and each prefill (chunk) runs on its own:
+a fresh prompt attends to its own keys causally without touching the cache, a chunk
+after a cached prefix attends to the gathered prefix plus itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from yun.layers.context import AttentionMetadata, get_forward_context
+
+
+def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, kv_heads, head_dim] into their slots of cache [2, NB, BS, KvH, D]."""
+    _, nb, bs, kvh, d = cache.shape
+    flat = cache.view(2, nb * bs, kvh, d)
+    flat[0].index_copy_(0, slot_mapping, k.to(cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(cache.dtype))
+
+
+def gather_kv(cache_kv: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """cache_kv: [NB, BS, KvH, D], block_table: [..., nblk] -> [..., nblk * BS, KvH, D]."""
+    g = cache_kv[block_table]  # [..., nblk, BS, KvH, D]
+    return g.flatten(-4, -3)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                    scale: float, meta: AttentionMetadata | None = None) -> torch.Tensor:
+    """q: [T, H, D], k/v: [T, KvH, D] for the new tokens -> [T, H, D]."""
+    if meta is None:
+        meta = get_forward_context().attn
+    write_kv(cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    gqa = q.shape[1] != k.shape[1]
+    nd = meta.num_decodes
+    if nd:
+        kc = gather_kv(cache[0], meta.decode_block_tables).transpose(1, 2)  # [B, KvH, L, D]
+        vc = gather_kv(cache[1], meta.decode_block_tables).transpose(1, 2)
+        qd = q[:nd].unsqueeze(2)  # [B, H, 1, D]
+        o = F.scaled_dot_product_attention(qd, kc.to(q.dtype), vc.to(q.dtype),
+                                           attn_mask=meta.decode_mask, scale=scale,
+                                           enable_gqa=gqa)
+        out[:nd] = o.squeeze(2)
+    for p in meta.prefills:
+        rows = slice(p.q_start, p.q_start + p.q_len)
+        qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
+        if p.ctx_len == p.q_len:  # nothing before this chunk: attend to own keys
+            ks = k[rows].transpose(0, 1).unsqueeze(0)
+            vs = v[rows].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                               enable_gqa=gqa)
+        else:
+            ks = gather_kv(cache[0], p.block_table)[:p.ctx_len].transpose(0, 1).unsqueeze(0)
+            vs = gather_kv(cache[1], p.block_table)[:p.ctx_len].transpose(0, 1).unsqueeze(0)
+            q_pos = torch.arange(p.ctx_len - p.q_len, p.ctx_len, device=q.device)
+            mask = torch.arange(p.ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(qs, ks.to(q.dtype), vs.to(q.dtype),
+                                               attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[rows] = o.squeeze(0).transpose(0, 1)
+    return out

@@ -1,0 +1,62 @@
+"""Per-step state that attention layers read, set in a scoped context by the runner."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+
+@dataclass
+class PrefillSeq:
+    """One sequence computing more than one token this step (a prompt or a chunk of it)."""
+
+    q_start: int  # first row of this sequence in the flat token batch
+    q_len: int  # tokens computed this step
+    ctx_len: int  # tokens in the KV cache after this step (cached prefix + q_len)
+    block_table: torch.Tensor  # [ceil(ctx_len / block_size)] block ids (long)
+
+
+@dataclass
+class AttentionMetadata:
+    """How the flat token batch maps onto sequences and KV-cache slots.
+
+    The runner orders sequences so that the first `num_decodes` tokens belong to
+    sequences computing exactly one token (decodes); each of those is one row.
+    """
+
+    slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) per token
+    num_decodes: int
+    decode_block_tables: torch.Tensor | None  # [B_d, max_blocks]
+    decode_context_lens: torch.Tensor | None  # [B_d]
+    decode_mask: torch.Tensor | None  # [B_d, 1, 1, max_blocks * block_size] bool, True = attend
+    prefills: list[PrefillSeq] = field(default_factory=list)
+
+
+@dataclass
+class ForwardContext:
+    attn: AttentionMetadata
+    kv_caches: list[torch.Tensor]  # per layer, shaped as the model's cache spec says
+
+
+_CTX: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar(
+    "yun_forward_context", default=None)
+
+
+@contextlib.contextmanager
+def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
+    token = _CTX.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CTX.reset(token)
+
+
+def get_forward_context() -> ForwardContext:
+    ctx = _CTX.get()
+    if ctx is None:
+        raise RuntimeError("model forward called outside forward_context(...)")
+    return ctx

@@ -1,0 +1,1 @@
+"""Model architectures, one file per family; `registry` maps config names to classes."""

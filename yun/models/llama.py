@@ -1,0 +1,129 @@
+"""Llama-style decoder (Llama 2/3.x), the base that Qwen2 and Qwen3 specialise.
+
+x -> embed -> N x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> lm_head
+Shapes: T = tokens in the step (all sequences, flat), H = heads, KvH = KV heads,
+D = head_dim, E = hidden size, I = intermediate size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from yun.config import ModelConfig
+from yun.layers.activation import silu_and_mul
+from yun.layers.attention import paged_attention
+from yun.layers.context import get_forward_context
+from yun.layers.linear import MergedLinear
+from yun.layers.norm import RMSNorm
+from yun.layers.rotary import RotaryEmbedding, apply_rope, rope_inv_freq
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.h, self.kvh, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv_proj = MergedLinear(cfg.hidden_size,
+                                     [self.h * self.d, self.kvh * self.d, self.kvh * self.d],
+                                     bias=qkv_bias)
+        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if qk_norm else None
+        self.scale = self.d ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(
+            [self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
+        q = q.view(T, self.h, self.d)  # [T, H, D]
+        k = k.view(T, self.kvh, self.d)  # [T, KvH, D]
+        v = v.view(T, self.kvh, self.d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache = get_forward_context().kv_caches[self.layer_idx]
+        o = paged_attention(q, k, v, cache, self.scale)  # [T, H, D]
+        return self.o_proj(o.reshape(T, self.h * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, bias: bool):
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden, [intermediate, intermediate], bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [T, I] -> [T, E]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx, qkv_bias, qk_norm)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = self.make_mlp(cfg, layer_idx)
+
+    def make_mlp(self, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+        return MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_cls: type[DecoderLayer], qkv_bias: bool,
+                 qk_norm: bool):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            layer_cls(cfg, i, qkv_bias, qk_norm) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Checkpoint names are ours too, except the fused projections listed in `stacked`."""
+
+    stacked: dict[str, tuple[str, int]] = {
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+    ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    layer_cls: type[DecoderLayer] = DecoderLayer
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = DecoderModel(cfg, self.layer_cls, self.qkv_bias(cfg), self.qk_norm(cfg))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(
+            cfg.head_dim, cfg.max_position_embeddings,
+            rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+
+    @staticmethod
+    def qkv_bias(cfg: ModelConfig) -> bool:
+        return cfg.attention_bias
+
+    @staticmethod
+    def qk_norm(cfg: ModelConfig) -> bool:
+        return False
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """One layer's cache: K and V for every slot."""
+        return (2, num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, E]."""
+        x = self.model.embed_tokens(input_ids)  # [T, E]
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, E] -> logits [N, V] in float32."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,144 @@
+"""Read a Hugging Face checkpoint folder into a model, with errors that name the file
+and the tensor. Safetensors only (single file or sharded with an index), memory-mapped."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from yun.config import ModelConfig
+from yun.models.registry import model_class
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the tensor."""
+
+
+def checkpoint_files(folder: str) -> list[str]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not os.path.isfile(os.path.join(folder, name)):
+                tensor = next(t for t, f in weight_map.items() if f == name)
+                raise CheckpointError(
+                    f"{os.path.join(folder, name)}: missing (listed in {index} for {tensor})")
+        return [os.path.join(folder, n) for n in files]
+    files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors weights found "
+                              "(only safetensors checkpoints are supported)")
+    return [os.path.join(folder, n) for n in files]
+
+
+def iter_tensors(files: list[str]) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Yield (file, tensor name, tensor) lazily, file by file."""
+    for path in files:
+        try:
+            f = safe_open(path, framework="pt", device="cpu")
+            names = list(f.keys())
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from e
+        for name in names:
+            try:
+                tensor = f.get_tensor(name)
+            except Exception as e:
+                raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from e
+            yield path, name, tensor
+
+
+def _target(model: nn.Module, name: str) -> tuple[str, int | None]:
+    """Checkpoint name -> (our parameter name, part index in a fused parameter)."""
+    parts = name.split(".")
+    for ckpt, (ours, idx) in getattr(model, "stacked", {}).items():
+        if ckpt in parts:
+            return ".".join(ours if p == ckpt else p for p in parts), idx
+    return name, None
+
+
+def load_weights(model: nn.Module, files: list[str]) -> None:
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    expected: set[tuple[str, int | None]] = set()
+    for pname in params:
+        mod = modules[pname.rsplit(".", 1)[0]] if "." in pname else model
+        n_parts = len(getattr(mod, "output_sizes", [])) or 0
+        expected.update((pname, i) for i in range(n_parts)) if n_parts else expected.add(
+            (pname, None))
+    tied = getattr(getattr(model, "cfg", None), "tie_word_embeddings", False)
+    ignored = tuple(getattr(model, "ignored_suffixes", ()))
+    loaded: set[tuple[str, int | None]] = set()
+    for path, name, tensor in iter_tensors(files):
+        if name.endswith(ignored) or (tied and name == "lm_head.weight"):
+            continue
+        if skip := getattr(model, "skip_weight", None):
+            if skip(name):
+                continue
+        target, part = _target(model, name)
+        param = params.get(target)
+        if param is None:
+            raise CheckpointError(f"{path}: unexpected tensor {name!r} "
+                                  f"(no such parameter in {type(model).__name__})")
+        dest = param.data
+        if part is not None:
+            mod = modules[target.rsplit(".", 1)[0]]
+            dest = dest[mod.part_slice(part)]
+        if tuple(dest.shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                  f"expected {tuple(dest.shape)}")
+        with torch.no_grad():
+            dest.copy_(tensor)
+        loaded.add((target, part))
+    missing = sorted(expected - loaded, key=str)
+    if missing:
+        names = [_checkpoint_name(model, p, i) for p, i in missing]
+        shown = ", ".join(repr(n) for n in names[:5]) + (" ..." if len(names) > 5 else "")
+        raise CheckpointError(f"{os.path.dirname(files[0])}: missing tensor(s) {shown} "
+                              f"({len(names)} missing)")
+
+
+def _checkpoint_name(model: nn.Module, pname: str, part: int | None) -> str:
+    if part is None:
+        return pname
+    for ckpt, (ours, idx) in getattr(model, "stacked", {}).items():
+        if idx == part and f".{ours}." in f".{pname}":
+            return pname.replace(ours, ckpt)
+    return f"{pname}[part {part}]"
+
+
+def resolve_dtype(cfg: ModelConfig, dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        name = cfg.torch_dtype
+        dt = getattr(torch, name, None) if isinstance(name, str) else None
+        dt = dt if isinstance(dt, torch.dtype) else torch.float32
+        if dt == torch.float16 and device.type == "cpu":
+            dt = torch.bfloat16  # fp16 matmuls are slow and overflow-prone on CPU
+        return dt
+    dt = getattr(torch, dtype)
+    if dt == torch.float16 and device.type == "cpu":
+        raise ValueError("dtype float16 is supported on CUDA only; use bfloat16 or float32 on CPU")
+    return dt
+
+
+def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    cls = model_class(cfg.architecture, os.path.join(cfg.path, "config.json"))
+    files = checkpoint_files(cfg.path)
+    with torch.device("meta"):  # no time spent on random init
+        model = cls(cfg)
+    model = model.to_empty(device=device).to(dtype=dtype)
+    for module in model.modules():  # computed buffers (rope tables) are not in checkpoints
+        if hasattr(module, "build_buffers"):
+            module.build_buffers(device)
+    load_weights(model, files)
+    model.eval()
+    return model

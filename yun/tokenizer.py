@@ -1,0 +1,109 @@
+"""Tokenizer loading, chat templates and special tokens.
+
+We use the checkpoint's own `tokenizer.json` through transformers' fast tokenizer, and
+render the checkpoint's own chat template (jinja2, via transformers), so prompts are
+exactly what the model was trained on.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+
+class Tokenizer:
+    def __init__(self, hf: PreTrainedTokenizerBase):
+        self.hf = hf
+        backend = getattr(hf, "backend_tokenizer", None)
+        self._fast = backend  # tokenizers.Tokenizer: decode without Python overhead
+
+    @classmethod
+    def from_folder(cls, path: str) -> "Tokenizer":
+        if not any(os.path.isfile(os.path.join(path, f))
+                   for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise FileNotFoundError(
+                f"{path}: no tokenizer found (expected tokenizer.json and tokenizer_config.json)")
+        try:
+            return cls(AutoTokenizer.from_pretrained(path))
+        except Exception as e:
+            raise ValueError(f"{path}: cannot load the tokenizer ({e})") from e
+
+    # ---- text <-> ids --------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if self._fast is not None:
+            return self._fast.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str:
+        """The token's text as the user sees it (bytes decoded, partial UTF-8 as escapes)."""
+        return self.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for (byte-level BPE aware)."""
+        piece = self.hf.convert_ids_to_tokens(token_id)
+        if piece is None:
+            return b""
+        table = _byte_decoder()
+        if all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
+        return piece.encode("utf-8")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    # ---- chat --------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.hf, "chat_template", None)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:
+        if not self.chat_template:
+            raise ValueError("this model's tokenizer has no chat template; "
+                             "use a completion prompt instead")
+        return self.hf.apply_chat_template(messages, tools=tools, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt,
+                                           **kwargs)
+
+    # ---- special tokens ----------------------------------------------------------------
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.hf.eos_token
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.hf.bos_token
+
+    @property
+    def pad_token(self) -> str | None:
+        return self.hf.pad_token
+
+
+_BYTE_DECODER: dict[str, int] | None = None
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE: the printable character that stands for each byte."""
+    global _BYTE_DECODER
+    if _BYTE_DECODER is None:
+        bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+              + list(range(ord("®"), ord("ÿ") + 1)))
+        cs = bs[:]
+        n = 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        _BYTE_DECODER = {chr(c): b for b, c in zip(bs, cs)}
+    return _BYTE_DECODER
