@@ -98,11 +98,15 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.model = DecoderModel(cfg, self.layer_cls, self.qkv_bias(cfg), self.qk_norm(cfg))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings,
             rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the head when the config says so (re-run after moves)."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     @staticmethod
     def qkv_bias(cfg: ModelConfig) -> bool:

@@ -136,6 +136,8 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn
     with torch.device("meta"):  # no time spent on random init
         model = cls(cfg)
     model = model.to_empty(device=device).to(dtype=dtype)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     for module in model.modules():  # computed buffers (rope tables) are not in checkpoints
         if hasattr(module, "build_buffers"):
             module.build_buffers(device)

@@ -1,0 +1,19 @@
+"""yun (云): an inference and serving engine for open-weight language models."""
+
+from yun.outputs import CompletionOutput, Logprob, RequestOutput
+from yun.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Import the engine (and torch) only when the offline API is used.
+    if name == "LLM":
+        from yun.llm import LLM
+
+        return LLM
+    raise AttributeError(name)
+
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
+           "__version__"]

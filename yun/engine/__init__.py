@@ -1,0 +1,1 @@
+"""The engine core: scheduling, KV cache, model runner, sampler. Knows nothing of HTTP."""

@@ -1,0 +1,107 @@
+"""The offline Python API: `LLM(model).generate(prompts, params)` over the same engine."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from yun.config import EngineConfig
+from yun.demo import DEMO_NOTICE
+from yun.engine.engine import LLMEngine
+from yun.outputs import RequestOutput
+from yun.sampling_params import SamplingParams
+
+PromptType = str | dict[str, Any]
+
+
+class LLM:
+    """Load a model once, then generate for batches of prompts.
+
+    `model=None` uses the embedded demo model (random weights, meaningless text).
+    Any `EngineConfig` field can be passed as a keyword argument.
+    """
+
+    def __init__(self, model: str | None = None, dtype: str = "auto",
+                 max_model_len: int | None = None, block_size: int = 16,
+                 kv_cache_memory: int | None = None, max_num_seqs: int = 64,
+                 device: str = "auto", seed: int = 0, **kwargs: Any):
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = set(kwargs) - known
+        if unknown:
+            raise TypeError(f"unknown LLM argument(s): {', '.join(sorted(unknown))}")
+        self.config = EngineConfig(model=model, dtype=dtype, max_model_len=max_model_len,
+                                   block_size=block_size, kv_cache_memory=kv_cache_memory,
+                                   max_num_seqs=max_num_seqs, device=device, seed=seed, **kwargs)
+        if model is None:
+            print(f"yun: {DEMO_NOTICE}", flush=True)
+        self.engine = LLMEngine(self.config)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. Prompts are strings or
+        {"prompt_token_ids": [...]} dicts."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(params_list)} sampling params for "
+                                 f"{len(prompts)} prompts")
+        ids: list[str] = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                text, token_ids = self._tokenize(prompt)
+                rid = self.engine.new_request_id()
+                self.engine.add_request(rid, token_ids, params, prompt=text)
+                ids.append(rid)
+            return self._run(ids, use_tqdm if use_tqdm is not None else len(ids) > 8)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | None = None, add_generation_prompt: bool = True,
+             use_tqdm: bool | None = None, **template_kwargs: Any) -> list[RequestOutput]:
+        """Render the model's own chat template for one conversation (or a list of them)."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conv in convs:
+            text = self.tokenizer.apply_chat_template(
+                conv, add_generation_prompt=add_generation_prompt, **template_kwargs)
+            prompts.append({"prompt": text,
+                            "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            if "prompt" in prompt:
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        raise TypeError("a prompt is a string or a dict with 'prompt' or 'prompt_token_ids'")
+
+    def _run(self, ids: list[str], show: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not show)
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished:
+                    results[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [results[r] for r in ids]
