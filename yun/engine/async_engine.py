@@ -1,0 +1,215 @@
+"""AsyncEngine: the LLMEngine driven by one background thread, with an asyncio API.
+
+The thread owns the model and the KV cache (no locks around model state); the event
+loop talks to it through a command queue (add / abort) and gets outputs back through
+one asyncio queue per request. `generate()` is an async iterator: breaking out of it,
+or cancelling the task that runs it, aborts the request and frees its blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from yun.config import EngineConfig
+from yun.engine.engine import LLMEngine
+from yun.outputs import RequestOutput
+from yun.sampling_params import SamplingParams
+
+log = logging.getLogger("yun.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (a crash or shutdown); no request can be served."""
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    steps: int = 0
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    sink: "_Sink"
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class _Sink:
+    """Delivers outputs from the engine thread into one request's asyncio queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
+        self.engine = engine or LLMEngine(config)
+        self.config = config
+        self._commands: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        self._sinks: dict[str, _Sink] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._error: BaseException | None = None
+        self.stats = EngineStats()
+        self._update_stats()
+
+    # ---- properties the server reads ---------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_config(self):
+        return self.engine.model_config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def is_alive(self) -> bool:
+        return (self._thread is not None and self._thread.is_alive()
+                and self._error is None and not self._stopping.is_set())
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests accepted and not yet finished (queued commands included)."""
+        return len(self._sinks)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="yun-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Abort what is in flight and stop the loop."""
+        self._stopping.set()
+        self._commands.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the public async API ------------------------------------------------------------
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None, prompt: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's cumulative output each time it changes; the last is finished.
+
+        Raises ValueError for input the model cannot take, EngineDeadError if the loop died.
+        """
+        if not self.is_alive:
+            raise EngineDeadError(self._dead_message())
+        rid = request_id or self.engine.new_request_id()
+        sink = _Sink(asyncio.get_running_loop())
+        if rid in self._sinks:
+            raise ValueError(f"request id {rid!r} is already in use")
+        self._sinks[rid] = sink
+        self._commands.put(_Add(rid, list(prompt_token_ids), params, prompt, sink))
+        finished = False
+        try:
+            while True:
+                item = await sink.queue.get()
+                while not sink.queue.empty() and not isinstance(item, BaseException):
+                    nxt = sink.queue.get_nowait()  # outputs are cumulative: keep the newest
+                    item = nxt
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._sinks.pop(rid, None)
+            if not finished:
+                self._commands.put(_Abort(rid))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    # ---- the engine thread -----------------------------------------------------------------
+    def _loop(self) -> None:
+        eng = self.engine
+        try:
+            while not self._stopping.is_set():
+                block = not eng.has_unfinished()
+                if not self._drain(block):
+                    break
+                if eng.has_unfinished():
+                    for out in eng.step():
+                        sink = self._sinks.get(out.request_id)
+                        if sink is not None:
+                            sink.put(out)
+                    self.stats.steps += 1
+                self._update_stats()
+        except BaseException as e:  # the loop must never die silently
+            log.exception("engine loop crashed")
+            self._error = e
+        finally:
+            err = EngineDeadError(self._dead_message())
+            for rid in list(self._sinks):
+                self._sinks[rid].put(err)
+                eng.abort(rid)
+            self._update_stats()
+
+    def _drain(self, block: bool) -> bool:
+        """Apply queued commands; wait for one if idle. False when asked to stop."""
+        while True:
+            try:
+                cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+            except queue.Empty:
+                return not self._stopping.is_set()
+            block = False
+            if cmd is None:
+                return False
+            if isinstance(cmd, _Abort):
+                self.engine.abort(cmd.request_id)
+                continue
+            try:
+                self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params,
+                                        cmd.prompt)
+            except ValueError as e:
+                cmd.sink.put(e)
+
+    def _update_stats(self) -> None:
+        eng = self.engine
+        kv = eng.kv.stats()
+        s = self.stats
+        s.num_running, s.num_waiting = eng.num_running, eng.num_waiting
+        s.kv_usage, s.num_free_blocks, s.num_blocks = kv.usage, kv.num_free_blocks, kv.num_blocks
+        s.prefix_cache_queries, s.prefix_cache_hits = kv.prefix_queries, kv.prefix_hits
+        s.num_preemptions = eng.scheduler.num_preemptions
+
+    def _dead_message(self) -> str:
+        if self._error is not None:
+            return f"the engine loop crashed: {self._error!r}"
+        return "the engine is not running"
+
+
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineStats"]
