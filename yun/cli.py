@@ -1,0 +1,242 @@
+"""`yun serve | generate | chat | bench`: one entry point.
+
+Engine flags are generated from `EngineConfig`'s fields (with their help text), so the
+CLI and the Python API never disagree about what can be set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import MISSING, fields
+from typing import Any, Iterator
+
+from yun.config import EngineConfig, parse_size
+
+_BOOL_ALIASES = {"enable_prefix_caching": "--no-prefix-caching",
+                 "enable_chunked_prefill": "--no-chunked-prefill"}
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()
+                        ) -> None:
+    """One flag per dataclass field, named --field-name, help from field metadata."""
+    for f in fields(cls):
+        if f.name in skip or f.name.startswith("_"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not MISSING else None
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=default, help=help_text + " (default: %(default)s)")
+            if f.name in _BOOL_ALIASES:
+                parser.add_argument(_BOOL_ALIASES[f.name], dest=f.name, action="store_false",
+                                    help=f"same as --no-{f.name.replace('_', '-')}")
+            continue
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default,
+                                  "help": help_text + " (default: %(default)s)"}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        ftype = str(f.type)
+        if f.name == "kv_cache_memory":
+            kwargs["type"] = parse_size
+        elif "int" in ftype:
+            kwargs["type"] = int
+        elif "float" in ftype:
+            kwargs["type"] = float
+        parser.add_argument(flag, **kwargs)
+
+
+def engine_config_from(args: argparse.Namespace, **override: Any) -> EngineConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(EngineConfig) if hasattr(args, f.name)}
+    values.update(override)
+    return EngineConfig(**values)
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help="Most tokens to generate (default: %(default)s).")
+    g.add_argument("--temperature", type=float, default=0.7,
+                   help="Sampling temperature; 0 = greedy (default: %(default)s).")
+    g.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass (default: 1).")
+    g.add_argument("--top-k", type=int, default=0, help="Keep the k most likely tokens; 0 = off.")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="Drop tokens below min_p x the top token's probability; 0 = off.")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="Penalise tokens already seen (>1 discourages); 1 = off.")
+    g.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="Subtract from tokens already generated (OpenAI semantics).")
+    g.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="Subtract per occurrence of a generated token (OpenAI semantics).")
+    g.add_argument("--sampling-seed", type=int, default=None,
+                   help="Seed for this generation (reproducible sampling).")
+    g.add_argument("--stop", action="append", default=None,
+                   help="Stop at this string (repeatable); it is not printed.")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="Keep generating past the end-of-sequence token.")
+
+
+def sampling_params_from(args: argparse.Namespace):
+    from yun.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, seed=args.sampling_seed,
+                          stop=args.stop, ignore_eos=args.ignore_eos)
+
+
+# ---- generate / chat ------------------------------------------------------------------------
+def _stream(engine, token_ids: list[int], params, prompt: str | None,
+            counter: list[int] | None = None) -> Iterator[str]:
+    """Run one request on the engine, yielding new text as it appears.
+
+    `counter[0]` (if given) tracks the number of generated tokens."""
+    rid = engine.new_request_id()
+    engine.add_request(rid, token_ids, params, prompt=prompt)
+    sent = 0
+    try:
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.request_id != rid:
+                    continue
+                text = out.outputs[0].text
+                if counter is not None:
+                    counter[0] = len(out.outputs[0].token_ids)
+                if len(text) > sent:
+                    yield text[sent:]
+                    sent = len(text)
+    finally:
+        engine.abort(rid)
+
+
+def _load_engine(args: argparse.Namespace):
+    from yun.demo import DEMO_NOTICE
+    from yun.engine.engine import LLMEngine
+
+    if args.model is None:
+        print(f"yun: {DEMO_NOTICE}", file=sys.stderr, flush=True)
+    return LLMEngine(engine_config_from(args))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine = _load_engine(args)
+    params = sampling_params_from(args)
+    ids = engine.tokenizer.encode(args.prompt)
+    start, count = time.perf_counter(), [0]
+    for piece in _stream(engine, ids, params, args.prompt, count):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    elapsed = time.perf_counter() - start
+    print()
+    print(f"[{count[0]} tokens in {elapsed:.2f} s, {count[0] / elapsed:.1f} tokens/s, "
+          f"prompt {len(ids)} tokens]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    engine = _load_engine(args)
+    params = sampling_params_from(args)
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    print("yun chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits.",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = engine.tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+        sys.stdout.write("assistant> ")
+        reply = []
+        try:
+            for piece in _stream(engine, ids, params, prompt):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+        except ValueError as e:
+            print(f"\nyun: {e}", file=sys.stderr)
+            history.pop()
+            continue
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from yun.server import serve
+    from yun.server.settings import ServerSettings
+
+    settings = ServerSettings(**{f.name: getattr(args, f.name) for f in fields(ServerSettings)})
+    serve(engine_config_from(args), settings)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="yun", description="yun (云): serve and run open-weight language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server.",
+                       description="Serve a model over the OpenAI API (/v1/chat/completions, "
+                                   "/v1/completions, /v1/models, /metrics ...).")
+    p.add_argument("model", nargs="?", default=None,
+                   help="Model folder or hub id (default: the embedded demo model).")
+    add_dataclass_flags(p, EngineConfig, skip={"model"})
+    try:
+        from yun.server.settings import ServerSettings
+
+        add_dataclass_flags(p, ServerSettings)
+    except ImportError:  # the server package is optional at import time
+        pass
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="Generate text for one prompt, streamed to the terminal.")
+    p.add_argument("prompt", help="The prompt text (not chat-templated).")
+    add_dataclass_flags(p, EngineConfig)
+    add_sampling_flags(p, max_tokens=128)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="Interactive multi-turn chat in the terminal.")
+    p.add_argument("--system", default=None, help="System prompt for the conversation.")
+    add_dataclass_flags(p, EngineConfig)
+    add_sampling_flags(p, max_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    try:
+        from yun.bench.cli import add_bench_parser
+
+        add_bench_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"yun: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
