@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make serve` and `make test`.
+# Both set up .venv on first use (torch==2.13.0 first and alone, so pip takes the CPU
+# wheel on a CPU machine; then yun) and skip what is already installed.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: serve test setup setup-test clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.torch: | $(PY)
+	$(PY) -m pip install --quiet torch==2.13.0
+	touch $@
+
+$(VENV)/.yun: $(VENV)/.torch pyproject.toml
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.yun-test: $(VENV)/.yun pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.yun
+setup-test: $(VENV)/.yun-test
+
+serve: $(VENV)/.yun
+	$(VENV)/bin/yun serve $(ARGS)
+
+test: $(VENV)/.yun-test
+	$(PY) -m pytest tests $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

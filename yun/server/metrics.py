@@ -1,0 +1,85 @@
+"""Prometheus metrics, in a registry of their own per app (several apps can share a process).
+
+Counters and histograms are fed by the server as requests finish; the engine's gauges
+(running and waiting requests, KV-cache usage, prefix-cache hit rate) are read from
+`AsyncEngine.stats` at scrape time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from yun.engine.async_engine import AsyncEngine
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
+                   80.0, 160.0)
+TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                      0.5, 1.0, 2.5)
+
+
+class ServerMetrics:
+    def __init__(self, engine: "AsyncEngine", model_name: str):
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("yun_requests", "HTTP API requests by route and status code.",
+                                ["route", "status"], registry=r)
+        self.finished = Counter("yun_request_finished",
+                                "Finished generations (one per prompt) by finish reason.",
+                                ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("yun_prompt_tokens", "Prompt tokens processed.",
+                                     registry=r)
+        self.generation_tokens = Counter("yun_generation_tokens", "Tokens generated.",
+                                         registry=r)
+        self.ttft = Histogram("yun_time_to_first_token_seconds",
+                              "Time from receiving a request to its first generated token.",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("yun_time_per_output_token_seconds",
+                              "Mean time between output tokens, per request.",
+                              buckets=TOKEN_TIME_BUCKETS, registry=r)
+        self.e2e = Histogram("yun_e2e_request_latency_seconds",
+                             "Time from receiving a request to its last token.",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        stats = engine.stats
+        gauges = {
+            "yun_num_requests_running": ("Sequences running in the engine.",
+                                         lambda: stats.num_running),
+            "yun_num_requests_waiting": ("Sequences waiting for a slot.",
+                                         lambda: stats.num_waiting),
+            "yun_kv_cache_usage_ratio": ("Fraction of KV-cache blocks in use (0 to 1).",
+                                         lambda: stats.kv_usage),
+            "yun_prefix_cache_hit_rate": (
+                "Prompt tokens found in the prefix cache / prompt tokens looked up.",
+                lambda: (stats.prefix_cache_hits / stats.prefix_cache_queries
+                         if stats.prefix_cache_queries else 0.0)),
+            "yun_prefix_cache_queries_tokens": ("Prompt tokens looked up in the prefix cache.",
+                                                lambda: stats.prefix_cache_queries),
+            "yun_prefix_cache_hits_tokens": ("Prompt tokens found in the prefix cache.",
+                                             lambda: stats.prefix_cache_hits),
+            "yun_num_preemptions": ("Sequences preempted (KV cache full) so far.",
+                                    lambda: stats.num_preemptions),
+            "yun_engine_alive": ("1 while the engine loop runs.",
+                                 lambda: float(engine.is_alive)),
+        }
+        for name, (doc, read) in gauges.items():
+            Gauge(name, doc, registry=r).set_function(read)
+        info = Gauge("yun_model_info", "The served model.", ["model"], registry=r)
+        info.labels(model=model_name).set(1)
+
+    def observe_finished(self, *, prompt_tokens: int, output_tokens: int,
+                         finish_reasons: list[str], ttft: float | None, e2e: float) -> None:
+        """Record one prompt's generation (all its `n` completions)."""
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(output_tokens)
+        for reason in finish_reasons:
+            self.finished.labels(finish_reason=reason).inc()
+        if ttft is not None:
+            self.ttft.observe(ttft)
+            per_seq = output_tokens / max(1, len(finish_reasons))
+            if per_seq > 1:
+                self.tpot.observe((e2e - ttft) / (per_seq - 1))
+        self.e2e.observe(e2e)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

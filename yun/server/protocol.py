@@ -1,0 +1,308 @@
+"""The OpenAI API's shapes as pydantic models, and request -> SamplingParams.
+
+Requests accept unknown fields (clients send many: `parallel_tool_calls`, `store`,
+`metadata`, ...) and ignore them; known fields are type-checked here and value-checked
+by `SamplingParams`, whose ValueError becomes a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from yun.sampling_params import SamplingParams
+from yun.server.errors import APIError, bad_request
+
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+MAX_N = 128  # completions per prompt
+MAX_LOGPROBS = 20  # top alternatives per position
+MIN_TEMPERATURE = 1e-5  # below this, sampling is treated as greedy (avoids inf logits)
+MAX_TEMPERATURE = 100.0
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+# ---- requests ----------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, v: str) -> str:
+        if v not in ("text", "input_text"):
+            raise ValueError(f"only text content parts are supported, got {v!r}")
+        return v
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class SamplingFields(_Request):
+    """Fields shared by chat and text completions."""
+
+    model: str | None = None
+    max_tokens: Int64 | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: Int64 | None = None
+    min_p: float | None = None
+    n: Int64 | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    seed: Int64 | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = False
+    min_tokens: Int64 | None = 0
+    include_stop_str_in_output: bool | None = False
+    skip_special_tokens: bool | None = True
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Int64 | None = None
+    logprobs: bool | None = False
+    top_logprobs: Int64 | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    logprobs: Int64 | None = None
+    echo: bool | None = False
+    best_of: Int64 | None = None
+    suffix: str | None = None
+    add_special_tokens: bool | None = True
+
+
+class TokenizeRequest(_Request):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = True
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+# ---- responses -----------------------------------------------------------------------------
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: dict[str, Any]  # {"role", "content"}: only the keys that changed
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    """Both the whole response and one stream chunk (object "text_completion" either way)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "yun"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- request -> SamplingParams -------------------------------------------------------------
+def _first(*values: Any, default: Any = None) -> Any:
+    return next((v for v in values if v is not None), default)
+
+
+def to_sampling_params(req: SamplingFields, *, max_tokens: int | None,
+                       max_tokens_param: str = "max_tokens", logprobs: int | None = None,
+                       prompt_logprobs: int | None = None,
+                       logprobs_param: str = "logprobs") -> SamplingParams:
+    """The engine's SamplingParams for this request; APIError(400) naming the bad field."""
+    n = _first(req.n, default=1)
+    if n > MAX_N:
+        raise bad_request(f"n must be at most {MAX_N}, got {n}", "n")
+    for name, value in ((logprobs_param, logprobs), (logprobs_param, prompt_logprobs)):
+        if value is not None and value > MAX_LOGPROBS:
+            raise bad_request(f"{name} must be at most {MAX_LOGPROBS}, got {value}", name)
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported", "logit_bias")
+    temperature = _first(req.temperature, default=1.0)
+    if temperature > MAX_TEMPERATURE:
+        raise bad_request(f"temperature must be at most {MAX_TEMPERATURE:g}, got {temperature}",
+                          "temperature")
+    if 0 < temperature < MIN_TEMPERATURE:
+        temperature = 0.0
+    repetition_penalty = _first(req.repetition_penalty, default=1.0)
+    if repetition_penalty != 1.0 and not 0.01 <= repetition_penalty <= 100.0:
+        raise bad_request("repetition_penalty must be in [0.01, 100], got "
+                          f"{repetition_penalty}", "repetition_penalty")
+    names = {"max_tokens": max_tokens_param, "logprobs": logprobs_param,
+             "prompt_logprobs": logprobs_param}
+    try:
+        return SamplingParams(
+            n=n,
+            max_tokens=max_tokens,
+            min_tokens=_first(req.min_tokens, default=0),
+            temperature=temperature,
+            top_p=_first(req.top_p, default=1.0),
+            top_k=_first(req.top_k, default=0),
+            min_p=_first(req.min_p, default=0.0),
+            repetition_penalty=repetition_penalty,
+            presence_penalty=_first(req.presence_penalty, default=0.0),
+            frequency_penalty=_first(req.frequency_penalty, default=0.0),
+            seed=req.seed,
+            stop=req.stop,
+            stop_token_ids=req.stop_token_ids,
+            ignore_eos=bool(req.ignore_eos),
+            include_stop_str_in_output=bool(req.include_stop_str_in_output),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=_first(req.skip_special_tokens, default=True),
+        )
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        param = names.get(field, field)
+        message = str(e)
+        if param != field:
+            message = param + message[len(field):]
+        raise APIError(400, message, param=param) from e
+
+
+def chat_sampling_params(req: ChatCompletionRequest) -> SamplingParams:
+    if req.max_completion_tokens is not None:
+        max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
+    else:
+        max_tokens, param = req.max_tokens, "max_tokens"
+    logprobs = None
+    if req.logprobs:
+        logprobs = _first(req.top_logprobs, default=0)
+    elif req.top_logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    return to_sampling_params(req, max_tokens=max_tokens, max_tokens_param=param,
+                              logprobs=logprobs, logprobs_param="top_logprobs")
+
+
+def completion_sampling_params(req: CompletionRequest) -> SamplingParams:
+    """`echo` with `logprobs` also scores the prompt; `max_tokens: 0` with `echo` only does
+    that (the engine generates one token that the response leaves out)."""
+    max_tokens = _first(req.max_tokens, default=16)
+    if req.echo and max_tokens == 0:
+        max_tokens = 1
+    if req.best_of is not None and req.best_of != _first(req.n, default=1):
+        raise bad_request("best_of is not supported (leave it unset or equal to n)", "best_of")
+    if req.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+    return to_sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs,
+                              prompt_logprobs=prompt_logprobs)
+
+
+def check_chat_features(req: ChatCompletionRequest) -> None:
+    """Tools and structured output come in a later issue: refuse what needs them."""
+    choice = req.tool_choice
+    if req.tools and choice != "none":
+        raise bad_request("tools are not supported yet (send tool_choice: \"none\" or no "
+                          "tools)", "tools")
+    if choice is not None and choice not in ("none", "auto"):
+        raise bad_request("tool_choice is not supported yet (only \"none\" or \"auto\")",
+                          "tool_choice")
+    fmt = req.response_format
+    if fmt is not None and fmt.get("type") != "text":
+        raise bad_request(f"response_format {fmt.get('type')!r} is not supported yet "
+                          "(only {\"type\": \"text\"})", "response_format")

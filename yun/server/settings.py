@@ -1,0 +1,58 @@
+"""Settings of the HTTP server (the engine's own settings live in `yun.config.EngineConfig`).
+
+Like `EngineConfig`, every field carries its CLI help in `metadata["help"]`, so the flags
+of `yun serve` are generated from this one list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0 to accept other machines).")
+    port: int = _opt(8000, "TCP port to listen on (0 picks a free one).")
+    api_key: str | None = _opt(
+        None, "Require `Authorization: Bearer KEY` on the API routes. Default: no key.")
+    served_model_name: str | None = _opt(
+        None, "The model name clients send and see in /v1/models. Default: the MODEL "
+        "argument as given, or yun-demo for the demo model.")
+    max_queue: int = _opt(
+        1024, "Most requests waiting for a free slot (beyond --max-num-seqs running); "
+        "past it new requests get 429 with Retry-After.")
+    max_body_bytes: int = _opt(
+        16 * 2**20, "Largest request body in bytes (suffixes K, M, G accepted on the CLI); "
+        "larger ones get 413.")
+    shutdown_timeout: float = _opt(
+        5.0, "Seconds in-flight requests get to finish after Ctrl-C or SIGTERM before they "
+        "are aborted.")
+    log_level: str = _opt("info", "Server log level.", choices=LOG_LEVELS)
+    ui: bool = _opt(True, "Serve a small landing page at / with the endpoints and a curl "
+                    "line to try.")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be non-negative, got {self.max_queue}")
+        if self.max_body_bytes <= 0:
+            raise ValueError(f"max_body_bytes must be positive, got {self.max_body_bytes}")
+        if self.shutdown_timeout < 0:
+            raise ValueError(
+                f"shutdown_timeout must be non-negative, got {self.shutdown_timeout}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key must not be empty (leave it unset for no key)")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
