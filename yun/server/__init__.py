@@ -1,0 +1,84 @@
+"""`yun serve`: an OpenAI-compatible HTTP server over the AsyncEngine (FastAPI + uvicorn).
+
+    from yun.config import EngineConfig
+    from yun.server import ServerSettings, serve
+    serve(EngineConfig(model="Qwen/Qwen2.5-0.5B-Instruct"), ServerSettings(port=8000))
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+from typing import TYPE_CHECKING, Callable
+
+import uvicorn
+
+from yun.server.app import build_app, curl_example, model_name
+from yun.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from yun.config import EngineConfig
+
+log = logging.getLogger("yun.server")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server that says where it listens once it does, and returns normally after
+    a graceful shutdown on Ctrl-C / SIGTERM (uvicorn re-raises the signal otherwise, which
+    would kill the process before the engine is shut down)."""
+
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[int], None]):
+        super().__init__(config)
+        self.on_ready = on_ready
+
+    async def startup(self, sockets: list | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            port = self.config.port
+            if self.servers and self.servers[0].sockets:
+                port = self.servers[0].sockets[0].getsockname()[1]
+            self.on_ready(port)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting for requests
+        self.should_exit = True
+
+
+def serve(engine_config: "EngineConfig", settings: ServerSettings) -> None:
+    """Load the model, serve until Ctrl-C / SIGTERM, then shut everything down.
+
+    On shutdown, in-flight requests get `settings.shutdown_timeout` seconds to finish;
+    then they are aborted and the engine loop stops.
+    """
+    from yun.demo import DEMO_NOTICE
+    from yun.engine.async_engine import AsyncEngine  # imports torch: only when serving
+
+    if engine_config.model is None:
+        print(f"yun: {DEMO_NOTICE}", flush=True)
+    engine = AsyncEngine(engine_config)
+    try:
+        app = build_app(engine, settings)
+        name = model_name(settings, engine_config.model)
+
+        def ready(port: int) -> None:
+            host = settings.host
+            shown = f"[{host}]" if ":" in host else host
+            if host in ("0.0.0.0", "::"):
+                shown = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
+            base = f"http://{shown}:{port}"
+            print(f"yun: serving {name} at {base}/v1 (Ctrl-C to stop)", flush=True)
+            print(f"yun: try: {curl_example(base, name, settings.api_key)}", flush=True)
+
+        config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                                log_level=settings.log_level,
+                                timeout_graceful_shutdown=settings.shutdown_timeout,  # type: ignore[arg-type]
+                                timeout_keep_alive=5)
+        _Server(config, ready).run()
+    finally:
+        engine.shutdown()
+        print("yun: stopped", flush=True)
+
+
+__all__ = ["ServerSettings", "build_app", "serve"]

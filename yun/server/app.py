@@ -1,0 +1,132 @@
+"""The FastAPI app: routes of the OpenAI API (plus health, metrics and tokenizer routes)
+over one AsyncEngine. The server is an adapter: it never touches torch or model state."""
+
+from __future__ import annotations
+
+import html
+import time
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+import yun
+from yun.server.errors import APIError, error_response, install_error_handlers
+from yun.server.metrics import ServerMetrics
+from yun.server.middleware import ApiKeyAuth, BodyLimit, RequestCounter
+from yun.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                 ModelCard, ModelList, TokenizeRequest)
+from yun.server.serving import OpenAIServing
+from yun.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from yun.engine.async_engine import AsyncEngine
+
+DEMO_NAME = "yun-demo"
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
+
+
+def model_name(settings: ServerSettings, model: str | None) -> str:
+    """What clients call the model: --served-model-name, else MODEL as given, else yun-demo."""
+    return settings.served_model_name or model or DEMO_NAME
+
+
+def _needs_key(path: str) -> bool:
+    return path.startswith("/v1/") or path.startswith(TOKENIZER_ROUTES)
+
+
+def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
+    """The app for `engine`. Starting it starts the engine loop; stopping it leaves the
+    engine running (whoever built the engine shuts it down, see `yun.server.serve`)."""
+    name = model_name(settings, engine.config.model)
+    metrics = ServerMetrics(engine, name)
+    serving = OpenAIServing(engine, settings, name, metrics)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+
+    app = FastAPI(title="yun", version=yun.__version__, lifespan=lifespan,
+                  summary="An OpenAI-compatible server for open-weight language models.")
+    install_error_handlers(app)
+    app.state.serving = serving
+    app.state.metrics = metrics
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
+        return await serving.chat(req, raw)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request) -> Response:
+        return await serving.completion(req, raw)
+
+    def card() -> ModelCard:
+        return ModelCard(id=name, created=created, root=engine.config.model or name,
+                         max_model_len=engine.max_model_len)
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[card()])
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> ModelCard:
+        serving.check_model(model)
+        return card()
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_alive:
+            return JSONResponse({"status": "ok"})
+        return error_response(APIError(503, "the engine loop is not running"))
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": yun.__version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    for prefix in ("", "/v1"):
+        app.add_api_route(prefix + "/tokenize", serving.tokenize, methods=["POST"])
+        app.add_api_route(prefix + "/detokenize", serving.detokenize, methods=["POST"])
+        app.add_api_route(prefix + "/tokenizer_info", serving.tokenizer_info, methods=["GET"])
+
+    if settings.ui:
+        @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+        async def index(request: Request) -> str:
+            return _landing_page(name, str(request.base_url).rstrip("/"))
+
+    routes = {getattr(r, "path", "") for r in app.routes}
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyAuth, api_key=settings.api_key, protected=_needs_key)
+    app.add_middleware(RequestCounter, routes=routes,
+                       count=lambda route, status: metrics.requests.labels(
+                           route=route, status=str(status)).inc())
+    return app
+
+
+def curl_example(base_url: str, model: str, api_key: str | None = None) -> str:
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    body = ('{"model": "%s", "messages": [{"role": "user", "content": "Hello!"}], '
+            '"max_tokens": 32}' % model)
+    return (f"curl {base_url}/v1/chat/completions -H 'Content-Type: application/json'"
+            f"{auth} -d '{body}'")
+
+
+def _landing_page(model: str, base_url: str) -> str:
+    esc = html.escape
+    rows: list[tuple[str, Any]] = [
+        ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
+        ("GET", "/health"), ("GET", "/version"), ("GET", "/metrics"),
+        ("GET", "/tokenizer_info"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+        ("GET", "/docs")]
+    items = "\n".join(f"<li><code>{m} {esc(p)}</code></li>" for m, p in rows)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>yun</title></head>"
+            f"<body><h1>yun {esc(yun.__version__)}</h1><p>Serving <b>{esc(model)}</b> with an "
+            f"OpenAI-compatible API at <code>{esc(base_url)}/v1</code>.</p><ul>{items}</ul>"
+            f"<p>Try:</p><pre>{esc(curl_example(base_url, model))}</pre></body></html>")

@@ -1,0 +1,131 @@
+"""Pure-ASGI middleware: count requests by status, check the API key, cap body size.
+
+They run before FastAPI reads the body, so an unauthenticated or oversized request is
+refused without parsing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from typing import Callable
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from yun.server.errors import APIError
+
+
+async def send_error(send: Send, err: APIError) -> None:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (err.headers or {}).items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestCounter:
+    """Counts HTTP requests by route and status code (unknown paths count as "other")."""
+
+    def __init__(self, app: ASGIApp, count: Callable[[str, int], None], routes: set[str]):
+        self.app, self.count, self.routes = app, count, routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # if the app dies before starting a response
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            path = scope.get("path", "")
+            self.count(path if path in self.routes else "other", status)
+
+
+class ApiKeyAuth:
+    """401 unless `Authorization: Bearer <key>` matches, on the paths that need it.
+
+    Keys are compared in constant time (digests of equal length, hmac.compare_digest).
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, protected: Callable[[str], bool]):
+        self.app = app
+        self.digest = None if api_key is None else _digest(f"Bearer {api_key}".encode())
+        self.protected = protected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.digest is None or scope["type"] != "http" or not self.protected(scope["path"]):
+            return await self.app(scope, receive, send)
+        given = b""
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                given = value.strip()
+                break
+        if given[:7].lower() == b"bearer ":  # the scheme is case-insensitive
+            given = b"Bearer " + given[7:].strip()
+        if not hmac.compare_digest(_digest(given), self.digest):
+            message = ("missing API key: send Authorization: Bearer <key>" if not given
+                       else "invalid API key")
+            return await send_error(send, APIError(401, message, code="invalid_api_key",
+                                                   headers={"WWW-Authenticate": "Bearer"}))
+        await self.app(scope, receive, send)
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
+
+
+class _TooLarge(HTTPException):
+    """Raised from `receive`; an HTTPException so FastAPI's body reader passes it on."""
+
+
+class BodyLimit:
+    """413 for a body over `max_bytes`, by Content-Length or by counting what arrives."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        error = APIError(413, f"the request body is larger than {self.max_bytes} bytes",
+                         code="request_too_large")
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    return await send_error(send, error)
+        seen = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge(413, error.message)
+            return message
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await send_error(send, error)
