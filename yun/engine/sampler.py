@@ -100,17 +100,31 @@ def logprobs_for(raw: torch.Tensor, tokens: list[int], n: int) -> list[PositionL
     return [_logprob_entry(raw[i], t, n) for i, t in enumerate(tokens)]
 
 
-def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """Inverse-CDF sampling: one uniform number per row from that row's own generator.
+DRAW_CHUNK = 256  # vocabulary chunk size of the two-level draw
 
-    probs: [B, V] (not necessarily normalised) -> token ids [B]. One batched cumsum and
-    search instead of a multinomial per row (which costs milliseconds on big vocabularies).
+
+def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """Exact categorical draw, robust to tiny numeric noise, with one generator per row.
+
+    Two-level exponential race: pick a vocabulary chunk with probability proportional to
+    its mass (argmax mass / Exp(1) noise), then a token inside it (argmax p / Exp(1)).
+    Unlike inverse-CDF sampling, no decision depends on a running sum over the whole
+    vocabulary, so a last-bit difference in the logits (another batch composition)
+    almost never changes the pick; and each row needs only C + 256 random numbers
+    instead of one per vocabulary entry. probs: [B, V], unnormalised -> ids [B].
     """
-    cdf = probs.cumsum(-1)  # [B, V]
-    u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])
-    target = (u * cdf[:, -1]).unsqueeze(1)  # [B, 1]
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    return idx.clamp_(max=probs.shape[1] - 1)
+    B, V = probs.shape
+    C = -(-V // DRAW_CHUNK)
+    if C * DRAW_CHUNK != V:
+        probs = torch.nn.functional.pad(probs, (0, C * DRAW_CHUNK - V))
+    blocks = probs.view(B, C, DRAW_CHUNK)
+    noise = torch.stack([torch.rand(C + DRAW_CHUNK, generator=g, device=probs.device)
+                         for g in generators])  # [B, C + S] uniform in [0, 1)
+    expo = (-torch.log1p(-noise)).clamp_min_(1e-30)  # Exp(1)
+    chunk = (blocks.sum(-1) / expo[:, :C]).argmax(-1)  # [B]
+    inner = blocks[torch.arange(B, device=probs.device), chunk]  # [B, S]
+    tok = (inner / expo[:, C:]).argmax(-1)
+    return (chunk * DRAW_CHUNK + tok).clamp_(max=V - 1)
 
 
 class Sampler:
