@@ -14,7 +14,7 @@ from yun.config import ModelConfig
 from yun.layers.activation import silu_and_mul
 from yun.layers.attention import paged_attention
 from yun.layers.context import get_forward_context
-from yun.layers.linear import MergedLinear
+from yun.layers.linear import Linear, MergedLinear
 from yun.layers.norm import RMSNorm
 from yun.layers.rotary import RotaryEmbedding, apply_rope, rope_inv_freq
 
@@ -27,7 +27,7 @@ class Attention(nn.Module):
         self.qkv_proj = MergedLinear(cfg.hidden_size,
                                      [self.h * self.d, self.kvh * self.d, self.kvh * self.d],
                                      bias=qkv_bias)
-        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.h * self.d, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if qk_norm else None
         self.scale = self.d ** -0.5
@@ -51,7 +51,7 @@ class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, bias: bool):
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden, [intermediate, intermediate], bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [T, I] -> [T, E]
@@ -97,7 +97,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = DecoderModel(cfg, self.layer_cls, self.qkv_bias(cfg), self.qk_norm(cfg))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings,

@@ -1,0 +1,66 @@
+"""The native bf16 skinny-matmul kernel against torch (its fallback), and the dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from yun import kernels
+from yun.layers import linear as linear_mod
+
+gemv = kernels.bf16_gemv()
+needs_kernel = pytest.mark.skipif(gemv is None, reason="no AVX-512 or no compiler here")
+
+
+@needs_kernel
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("N,K", [(64, 896), (203, 37), (9, 4864), (130, 16)])
+def test_kernel_matches_float32_reference(M, N, K):
+    g = torch.Generator().manual_seed(M * 1000 + N)
+    w = torch.randn(N, K, generator=g).bfloat16()
+    x = torch.randn(M, K, generator=g).bfloat16()
+    b = torch.randn(N, generator=g).bfloat16()
+    ref = x.float() @ w.float().T + b.float()
+    for bias in (b, None):
+        y = gemv(x, w, bias)
+        assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+        want = ref if bias is not None else ref - b.float()
+        # One bf16 rounding of the fp32 result: within 1 ulp of bf16 (2^-8 relative).
+        assert torch.allclose(y.float(), want, rtol=2 ** -7, atol=1e-2)
+
+
+@needs_kernel
+def test_dispatch_uses_kernel_for_few_bf16_rows_and_torch_otherwise(monkeypatch):
+    calls = []
+
+    def spy(x, w, b):
+        calls.append(x.shape[0])
+        return gemv(x, w, b)
+
+    linear_mod.set_skinny_backend(spy)
+    try:
+        w = torch.randn(32, 64).bfloat16()
+        for rows in (1, linear_mod.SKINNY_MAX_ROWS, linear_mod.SKINNY_MAX_ROWS + 1):
+            x = torch.randn(rows, 64).bfloat16()
+            y = linear_mod.linear(x, w)
+            assert torch.allclose(y.float(), F.linear(x, w).float(), rtol=2 ** -7, atol=1e-2)
+        linear_mod.linear(torch.randn(1, 64), w.float())  # fp32 never goes native
+        assert calls == [1, linear_mod.SKINNY_MAX_ROWS]
+    finally:
+        linear_mod.set_skinny_backend(None)
+
+
+@needs_kernel
+def test_bf16_engine_logits_agree_with_and_without_native_kernels(qwen2_path):
+    from tests.helpers import logits_in_chunks
+    from yun import LLM
+
+    ids = list(range(300, 340))
+    logits = {}
+    for native in (True, False):
+        llm = LLM(qwen2_path, dtype="bfloat16", kv_cache_memory=4 * 2**20, native_kernels=native)
+        logits[native] = logits_in_chunks(llm.engine, ids, [30] + [1] * 10)[30:]  # decode rows
+    diff = (logits[True] - logits[False]).abs().max().item()
+    scale = logits[False].abs().max().item()
+    assert diff <= 0.02 * scale, (diff, scale)

@@ -1,0 +1,63 @@
+"""Native CPU kernels, built on first use with torch's extension tooling, with a pure-torch
+fallback that is always correct.
+
+`bf16_gemv` is the decode path for bfloat16 weights on AVX-512 CPUs: torch's own bf16
+matrix-vector product streams weights at about half the machine's bandwidth. Build
+problems never stop yun: they are logged once and the fallback (F.linear) is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("yun.kernels")
+
+_SOURCES = ("gemv_bf16.cpp",)
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]
+
+
+def cpu_has_avx512() -> bool:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((l for l in f if l.startswith("flags")), "")
+    except OSError:
+        return False
+    return all(f in flags.split() for f in ("avx512f", "avx512bw", "avx512vl", "fma"))
+
+
+def build_dir() -> str:
+    from yun.model_source import cache_dir
+
+    path = os.path.join(cache_dir(), "kernels", f"torch-{torch.__version__}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def native() -> object | None:
+    """The compiled extension module, or None where it cannot be had here."""
+    if not cpu_has_avx512():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        return load(name="yun_cpu_kernels", sources=[os.path.join(here, s) for s in _SOURCES],
+                    extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                    build_directory=build_dir(), verbose=False)
+    except Exception as e:  # no compiler, no ninja, odd platform: use torch's kernels
+        log.warning("yun: native CPU kernels unavailable (%s); using torch's", e)
+        return None
+
+
+def bf16_gemv() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+    mod = native()
+    return None if mod is None else mod.gemv_bf16

@@ -1,0 +1,114 @@
+// Skinny matrix products for decode on x86 CPUs with AVX-512:
+//   y[m, n] = sum_k x[m, k] * w[n, k] + bias[n],  w in bfloat16, M small (1..8).
+// Decode reads every weight once per token, so it is bound by memory bandwidth:
+// stream the bf16 weights (half the bytes of fp32), widen them to fp32 in registers
+// (a bf16 is the top half of an fp32), and reuse each loaded weight for every row
+// of x. Accumulation is in fp32. Threads split the output features (torch's pool).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <cstdint>
+
+namespace {
+
+inline __m512 widen(const uint16_t* p) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Rows [n0, n1) of the output for M rows of x (fp32, row stride K).
+template <int M>
+void kernel(const float* x, const uint16_t* w, const float* bias, float* y, int64_t K,
+            int64_t N, int64_t n0, int64_t n1) {
+  constexpr int R = 4;  // weight rows per pass: 4 independent streams
+  const int64_t K16 = K & ~int64_t(15);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    __m512 acc[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    const uint16_t* wr[R];
+    for (int r = 0; r < R; ++r) wr[r] = w + (n + r) * K;
+    for (int64_t k = 0; k < K16; k += 16) {
+      __m512 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = widen(wr[r] + k);
+      for (int m = 0; m < M; ++m) {
+        __m512 xv = _mm512_loadu_ps(x + m * K + k);
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) {
+        float s = _mm512_reduce_add_ps(acc[m][r]);
+        for (int64_t k = K16; k < K; ++k) s += x[m * K + k] * bf16_to_float(wr[r][k]);
+        y[m * N + n + r] = s + (bias ? bias[n + r] : 0.f);
+      }
+  }
+  for (; n < n1; ++n) {
+    const uint16_t* wr = w + n * K;
+    for (int m = 0; m < M; ++m) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K16; k += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), widen(wr + k), acc);
+      float s = _mm512_reduce_add_ps(acc);
+      for (int64_t k = K16; k < K; ++k) s += x[m * K + k] * bf16_to_float(wr[k]);
+      y[m * N + n] = s + (bias ? bias[n] : 0.f);
+    }
+  }
+}
+
+template <int M>
+void run(const float* x, const uint16_t* w, const float* bias, float* y, int64_t K, int64_t N) {
+  // Chunks of 64 output rows keep each thread's streams long and its share even.
+  const int64_t chunk = 64;
+  at::parallel_for(0, (N + chunk - 1) / chunk, 1, [&](int64_t b0, int64_t b1) {
+    kernel<M>(x, w, bias, y, K, N, b0 * chunk, std::min(N, b1 * chunk));
+  });
+}
+
+}  // namespace
+
+// x: [M, K] (any float dtype), w: [N, K] bfloat16 contiguous, bias: [N] or empty.
+// Returns [M, N] in x's dtype.
+torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.dim() == 2,
+              "w must be a contiguous 2-D bfloat16 tensor");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "x must be [M, K] with K = w.size(1)");
+  const int64_t M = x.size(0), K = w.size(1), N = w.size(0);
+  auto xf = x.to(at::kFloat).contiguous();
+  torch::Tensor bf;
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    bf = bias->to(at::kFloat).contiguous();
+    bp = bf.data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, x.options().dtype(at::kFloat));
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const float* xp = xf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const int64_t mb = std::min<int64_t>(4, M - m0);
+    const float* xs = xp + m0 * K;
+    // Each block of rows writes its own slice of y (row stride N).
+    float* ys = yp + m0 * N;
+    switch (mb) {
+      case 1: run<1>(xs, wp, bp, ys, K, N); break;
+      case 2: run<2>(xs, wp, bp, ys, K, N); break;
+      case 3: run<3>(xs, wp, bp, ys, K, N); break;
+      default: run<4>(xs, wp, bp, ys, K, N); break;
+    }
+  }
+  return y.to(x.scalar_type());
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv_bf16", &gemv_bf16, "skinny x @ w.T for bfloat16 weights (AVX-512)");
+}
