@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
@@ -57,8 +57,15 @@ def iter_tensors(files: list[str]) -> Iterator[tuple[str, str, torch.Tensor]]:
             yield path, name, tensor
 
 
-def _target(model: nn.Module, name: str) -> tuple[str, int | None]:
-    """Checkpoint name -> (our parameter name, part index in a fused parameter)."""
+def _target(model: nn.Module, name: str) -> tuple[str, Any]:
+    """Checkpoint name -> (our parameter name, part index in a fused parameter).
+
+    A model may define `weight_target(name) -> (param name, part) | None` for names the
+    `stacked` table cannot express (e.g. one tensor per MoE expert stacked into one
+    parameter); None falls back to the table.
+    """
+    if (hook := getattr(model, "weight_target", None)) and (found := hook(name)) is not None:
+        return found
     parts = name.split(".")
     for ckpt, (ours, idx) in getattr(model, "stacked", {}).items():
         if ckpt in parts:
@@ -69,15 +76,14 @@ def _target(model: nn.Module, name: str) -> tuple[str, int | None]:
 def load_weights(model: nn.Module, files: list[str]) -> None:
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
-    expected: set[tuple[str, int | None]] = set()
+    expected: set[tuple[str, Any]] = set()
     for pname in params:
         mod = modules[pname.rsplit(".", 1)[0]] if "." in pname else model
-        n_parts = len(getattr(mod, "output_sizes", [])) or 0
-        expected.update((pname, i) for i in range(n_parts)) if n_parts else expected.add(
-            (pname, None))
+        parts = _parts(mod)
+        expected.update((pname, i) for i in parts) if parts else expected.add((pname, None))
     tied = getattr(getattr(model, "cfg", None), "tie_word_embeddings", False)
     ignored = tuple(getattr(model, "ignored_suffixes", ()))
-    loaded: set[tuple[str, int | None]] = set()
+    loaded: set[tuple[str, Any]] = set()
     for path, name, tensor in iter_tensors(files):
         if name.endswith(ignored) or (tied and name == "lm_head.weight"):
             continue
@@ -107,9 +113,19 @@ def load_weights(model: nn.Module, files: list[str]) -> None:
                               f"({len(names)} missing)")
 
 
-def _checkpoint_name(model: nn.Module, pname: str, part: int | None) -> str:
+def _parts(mod: nn.Module) -> list[Any]:
+    """The parts a fused parameter is filled from: `mod.parts()` if the module lists them
+    (e.g. (expert, projection) pairs), else one per entry of `output_sizes`."""
+    if hasattr(mod, "parts"):
+        return list(mod.parts())
+    return list(range(len(getattr(mod, "output_sizes", []))))
+
+
+def _checkpoint_name(model: nn.Module, pname: str, part: Any) -> str:
     if part is None:
         return pname
+    if (hook := getattr(model, "checkpoint_name", None)) and (found := hook(pname, part)):
+        return found
     for ckpt, (ours, idx) in getattr(model, "stacked", {}).items():
         if idx == part and f".{ours}." in f".{pname}":
             return pname.replace(ours, ckpt)

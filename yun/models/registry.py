@@ -10,6 +10,9 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("yun.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("yun.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("yun.models.qwen3", "Qwen3ForCausalLM"),
+    "Qwen2MoeForCausalLM": ("yun.models.qwen_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("yun.models.qwen_moe", "Qwen3MoeForCausalLM"),
+    "DeepseekV3ForCausalLM": ("yun.models.deepseek_v3", "DeepseekV3ForCausalLM"),
 }
 
 

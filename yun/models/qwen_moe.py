@@ -1,0 +1,75 @@
+"""Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B) and Qwen3-MoE (Qwen3-30B-A3B, 235B-A22B).
+
+The attention is Qwen2's (QKV bias) or Qwen3's (q/k RMSNorm, no bias); the MLP of a
+sparse layer becomes a mixture of experts:
+    y = sum_k w_k * expert_k(x)                      (softmax router, top-k experts)
+      + sigmoid(shared_expert_gate(x)) * shared_expert(x)      (Qwen2-MoE only)
+Every `decoder_sparse_step`-th layer is sparse, except those in `mlp_only_layers`,
+which keep a dense MLP of `intermediate_size`.
+
+Shapes: T = tokens, E = hidden size, X = routed experts, K = experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from yun.config import ModelConfig
+from yun.layers.moe import FusedExperts, expert_checkpoint_name, expert_weight_target, softmax_topk
+from yun.models.llama import MLP, DecoderLayer
+from yun.models.qwen2 import Qwen2ForCausalLM
+from yun.models.qwen3 import Qwen3ForCausalLM
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hf, E = cfg.hf, cfg.hidden_size
+        self.top_k, self.renormalize = hf["num_experts_per_tok"], hf.get("norm_topk_prob", False)
+        X = num_experts(hf)
+        self.gate = nn.Linear(E, X, bias=False)  # router weight [X, E]
+        self.experts = FusedExperts(X, E, hf["moe_intermediate_size"])
+        shared = hf.get("shared_expert_intermediate_size") or 0
+        self.shared_expert = MLP(E, shared, bias=False) if shared else None
+        self.shared_expert_gate = nn.Linear(E, 1, bias=False) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = softmax_topk(self.gate(x), self.top_k, self.renormalize)  # [T, K]
+        out = self.experts(x, ids, weights)  # [T, E]
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+
+def num_experts(hf: dict) -> int:
+    """Released configs say num_experts; transformers 5 writes num_local_experts."""
+    return hf.get("num_experts") or hf.get("num_local_experts") or 0
+
+
+def is_sparse_layer(hf: dict, i: int) -> bool:
+    return (i not in (hf.get("mlp_only_layers") or []) and num_experts(hf) > 0
+            and (i + 1) % (hf.get("decoder_sparse_step") or 1) == 0)
+
+
+class MoeDecoderLayer(DecoderLayer):
+    def make_mlp(self, cfg: ModelConfig, layer_idx: int) -> nn.Module:
+        if is_sparse_layer(cfg.hf, layer_idx):
+            return SparseMoeBlock(cfg)
+        return MLP(cfg.hidden_size, cfg.intermediate_size, bias=False)
+
+
+class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
+    layer_cls = MoeDecoderLayer
+    weight_target = staticmethod(expert_weight_target)  # experts.{i}.* -> stacked experts
+    checkpoint_name = staticmethod(expert_checkpoint_name)
+
+    @staticmethod
+    def qkv_bias(cfg: ModelConfig) -> bool:
+        return cfg.hf.get("qkv_bias", True)
+
+
+class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
+    layer_cls = MoeDecoderLayer
+    weight_target = staticmethod(expert_weight_target)
+    checkpoint_name = staticmethod(expert_checkpoint_name)
