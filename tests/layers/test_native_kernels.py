@@ -64,3 +64,33 @@ def test_bf16_engine_logits_agree_with_and_without_native_kernels(qwen2_path):
     diff = (logits[True] - logits[False]).abs().max().item()
     scale = logits[False].abs().max().item()
     assert diff <= 0.02 * scale, (diff, scale)
+
+
+decode_kernel = kernels.paged_decode_attention()
+
+
+@pytest.mark.skipif(decode_kernel is None, reason="no AVX-512 or no compiler here")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("H,KvH,D", [(14, 2, 64), (4, 4, 32), (8, 1, 24)])
+def test_paged_decode_kernel_matches_sdpa_path(dtype, tol, H, KvH, D):
+    from yun.layers import attention
+    from yun.layers.context import AttentionMetadata
+
+    g = torch.Generator().manual_seed(H + D)
+    NB, BS, B = 40, 16, 4
+    cache = torch.randn(2, NB, BS, KvH, D, generator=g).to(dtype)
+    lens = torch.tensor([1, 16, 17, 150])
+    tables = torch.stack([torch.randperm(NB, generator=g)[:10] for _ in range(B)])
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    k = torch.randn(B, KvH, D, generator=g).to(dtype)
+    slots = tables[torch.arange(B), (lens - 1) // BS] * BS + (lens - 1) % BS
+    mask = (torch.arange(10 * BS)[None, :] < lens[:, None])[:, None, None, :]
+    meta = AttentionMetadata(slots, B, tables, lens, mask)
+    outs = []
+    for fn in (decode_kernel, None):
+        attention.set_decode_backend(fn)
+        try:
+            outs.append(attention.paged_attention(q, k, k, cache.clone(), D ** -0.5, meta))
+        finally:
+            attention.set_decode_backend(None)
+    assert (outs[0].float() - outs[1].float()).abs().max().item() <= tol

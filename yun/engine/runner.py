@@ -17,6 +17,7 @@ from yun.config import EngineConfig, ModelConfig
 from yun.engine.request import Request
 from yun.engine.sampler import Sampler, SamplingRow, logprobs_for
 from yun.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
+from yun.layers.attention import set_decode_backend
 from yun.layers.linear import set_skinny_backend
 from yun.layers.context import AttentionMetadata, ForwardContext, PrefillSeq, forward_context
 from yun.models.loader import load_model, resolve_dtype
@@ -71,6 +72,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_config, config.dtype, self.device)
         self.model = load_model(model_config, self.dtype, self.device)
         set_skinny_backend(self._skinny_kernel())
+        set_decode_backend(self._decode_kernel())
         self.block_size = config.block_size
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
@@ -84,6 +86,13 @@ class ModelRunner:
         from yun import kernels
 
         return kernels.bf16_gemv()
+
+    def _decode_kernel(self):
+        if not (self.config.native_kernels and self.device.type == "cpu"):
+            return None
+        from yun import kernels
+
+        return kernels.paged_decode_attention()
 
     # ---- KV cache --------------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:

@@ -18,7 +18,7 @@ import torch
 
 log = logging.getLogger("yun.kernels")
 
-_SOURCES = ("gemv_bf16.cpp",)
+_SOURCES = ("gemv_bf16.cpp", "paged_attention.cpp")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]
 
 
@@ -56,6 +56,11 @@ def native() -> object | None:
     except Exception as e:  # no compiler, no ninja, odd platform: use torch's kernels
         log.warning("yun: native CPU kernels unavailable (%s); using torch's", e)
         return None
+
+
+def paged_decode_attention() -> Callable[..., torch.Tensor] | None:
+    mod = native()
+    return None if mod is None else mod.paged_decode_attention
 
 
 def bf16_gemv() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None:

@@ -109,6 +109,12 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
   return y.to(x.scalar_type());
 }
 
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
+                                     torch::Tensor v_cache, torch::Tensor block_tables,
+                                     torch::Tensor context_lens, double scale);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "skinny x @ w.T for bfloat16 weights (AVX-512)");
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "decode attention read straight from the paged KV cache");
 }

@@ -9,10 +9,23 @@ after a cached prefix attends to the gathered prefix plus itself.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 from yun.layers.context import AttentionMetadata, get_forward_context
+
+
+# Optional native decode kernel (see yun/kernels): (q [B,H,D], k_cache, v_cache,
+# block_tables, context_lens, scale) -> [B,H,D]. Installed by the runner on CPU.
+DecodeFn = Callable[..., torch.Tensor]
+_decode_kernel: DecodeFn | None = None
+
+
+def set_decode_backend(fn: DecodeFn | None) -> None:
+    global _decode_kernel
+    _decode_kernel = fn
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -39,7 +52,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     nd = meta.num_decodes
-    if nd:
+    if nd and _decode_kernel is not None and q.device.type == "cpu":
+        out[:nd] = _decode_kernel(q[:nd], cache[0], cache[1], meta.decode_block_tables,
+                                  meta.decode_context_lens, scale)
+    elif nd:
         kc = gather_kv(cache[0], meta.decode_block_tables).transpose(1, 2)  # [B, KvH, L, D]
         vc = gather_kv(cache[1], meta.decode_block_tables).transpose(1, 2)
         qd = q[:nd].unsqueeze(2)  # [B, H, 1, D]
