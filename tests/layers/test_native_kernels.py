@@ -10,20 +10,22 @@ from yun import kernels
 from yun.layers import linear as linear_mod
 
 gemv = kernels.bf16_gemv()
+gemm = kernels.bf16_gemm()
 needs_kernel = pytest.mark.skipif(gemv is None, reason="no AVX-512 or no compiler here")
 
 
 @needs_kernel
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 70])
 @pytest.mark.parametrize("N,K", [(64, 896), (203, 37), (9, 4864), (130, 16)])
-def test_kernel_matches_float32_reference(M, N, K):
+@pytest.mark.parametrize("kind", ["gemv", "gemm"])
+def test_kernel_matches_float32_reference(M, N, K, kind):
     g = torch.Generator().manual_seed(M * 1000 + N)
     w = torch.randn(N, K, generator=g).bfloat16()
     x = torch.randn(M, K, generator=g).bfloat16()
     b = torch.randn(N, generator=g).bfloat16()
     ref = x.float() @ w.float().T + b.float()
     for bias in (b, None):
-        y = gemv(x, w, bias)
+        y = (gemv if kind == "gemv" else gemm)(x, w, bias)
         assert y.dtype == torch.bfloat16 and y.shape == (M, N)
         want = ref if bias is not None else ref - b.float()
         # One bf16 rounding of the fp32 result: within 1 ulp of bf16 (2^-8 relative).
@@ -34,11 +36,13 @@ def test_kernel_matches_float32_reference(M, N, K):
 def test_dispatch_uses_kernel_for_few_bf16_rows_and_torch_otherwise(monkeypatch):
     calls = []
 
-    def spy(x, w, b):
-        calls.append(x.shape[0])
-        return gemv(x, w, b)
+    def spy(name, fn):
+        def run(x, w, b):
+            calls.append((name, x.shape[0]))
+            return fn(x, w, b)
+        return run
 
-    linear_mod.set_skinny_backend(spy)
+    linear_mod.set_bf16_backend((spy("few", gemv), spy("many", gemm)))
     try:
         w = torch.randn(32, 64).bfloat16()
         for rows in (1, linear_mod.SKINNY_MAX_ROWS, linear_mod.SKINNY_MAX_ROWS + 1):
@@ -46,9 +50,10 @@ def test_dispatch_uses_kernel_for_few_bf16_rows_and_torch_otherwise(monkeypatch)
             y = linear_mod.linear(x, w)
             assert torch.allclose(y.float(), F.linear(x, w).float(), rtol=2 ** -7, atol=1e-2)
         linear_mod.linear(torch.randn(1, 64), w.float())  # fp32 never goes native
-        assert calls == [1, linear_mod.SKINNY_MAX_ROWS]
+        n = linear_mod.SKINNY_MAX_ROWS
+        assert calls == [("few", 1), ("few", n), ("many", n + 1)]
     finally:
-        linear_mod.set_skinny_backend(None)
+        linear_mod.set_bf16_backend(None)
 
 
 @needs_kernel
@@ -60,7 +65,7 @@ def test_bf16_engine_logits_agree_with_and_without_native_kernels(qwen2_path):
     logits = {}
     for native in (True, False):
         llm = LLM(qwen2_path, dtype="bfloat16", kv_cache_memory=4 * 2**20, native_kernels=native)
-        logits[native] = logits_in_chunks(llm.engine, ids, [30] + [1] * 10)[30:]  # decode rows
+        logits[native] = logits_in_chunks(llm.engine, ids, [30] + [1] * 10)  # prefill + decode
     diff = (logits[True] - logits[False]).abs().max().item()
     scale = logits[False].abs().max().item()
     assert diff <= 0.02 * scale, (diff, scale)

@@ -18,7 +18,7 @@ from yun.engine.request import Request
 from yun.engine.sampler import Sampler, SamplingRow, logprobs_for
 from yun.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 from yun.layers.attention import set_decode_backend
-from yun.layers.linear import set_skinny_backend
+from yun.layers.linear import set_bf16_backend
 from yun.layers.context import AttentionMetadata, ForwardContext, PrefillSeq, forward_context
 from yun.models.loader import load_model, resolve_dtype
 from yun.outputs import PositionLogprobs
@@ -71,7 +71,7 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads or default_threads())
         self.dtype = resolve_dtype(model_config, config.dtype, self.device)
         self.model = load_model(model_config, self.dtype, self.device)
-        set_skinny_backend(self._skinny_kernel())
+        set_bf16_backend(self._bf16_kernels())
         set_decode_backend(self._decode_kernel())
         self.block_size = config.block_size
         self.sampler = Sampler()
@@ -79,13 +79,14 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
 
-    def _skinny_kernel(self):
+    def _bf16_kernels(self):
         if not (self.config.native_kernels and self.device.type == "cpu"
                 and self.dtype == torch.bfloat16):
             return None
         from yun import kernels
 
-        return kernels.bf16_gemv()
+        few, many = kernels.bf16_gemv(), kernels.bf16_gemm()
+        return None if few is None or many is None else (few, many)
 
     def _decode_kernel(self):
         if not (self.config.native_kernels and self.device.type == "cpu"):

@@ -18,7 +18,7 @@ import torch
 
 log = logging.getLogger("yun.kernels")
 
-_SOURCES = ("gemv_bf16.cpp", "paged_attention.cpp")
+_SOURCES = ("gemv_bf16.cpp", "gemm_bf16.cpp", "paged_attention.cpp")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]
 
 
@@ -63,6 +63,16 @@ def paged_decode_attention() -> Callable[..., torch.Tensor] | None:
     return None if mod is None else mod.paged_decode_attention
 
 
-def bf16_gemv() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+MatmulFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def bf16_gemv() -> MatmulFn | None:
+    """x [M<=4, K] @ w[N, K].T for bf16 w: streams the weights once (decode)."""
     mod = native()
     return None if mod is None else mod.gemv_bf16
+
+
+def bf16_gemm() -> MatmulFn | None:
+    """x [M, K] @ w[N, K].T for bf16 w: register-blocked, weights widened once per block."""
+    mod = native()
+    return None if mod is None else mod.gemm_bf16

@@ -1,9 +1,10 @@
-"""Linear layers: fused projections (QKV, gate-up) and the skinny-matmul dispatch.
+"""Linear layers: fused projections (QKV, gate-up) and the bf16 matmul dispatch.
 
-Decode multiplies a few rows by every weight matrix; with bfloat16 weights on an
-AVX-512 CPU a native kernel streams the weights faster than torch's (see
-yun/kernels). Everything else goes to F.linear. The runner picks the backend once
-(`set_skinny_backend`); the layers only ask.
+With bfloat16 weights on an AVX-512 CPU without native bf16 math, torch's matmuls
+run far below the machine's speed; native kernels (yun/kernels) take over: a
+bandwidth-bound one for a few rows (decode) and a blocked one for many rows (prefill,
+batched decode). Everything else goes to F.linear. The runner picks the backend once
+(`set_bf16_backend`); the layers only ask.
 """
 
 from __future__ import annotations
@@ -16,22 +17,22 @@ from torch import nn
 
 SkinnyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
-SKINNY_MAX_ROWS = 4  # above this, torch's blocked GEMM wins (measured, see BENCHMARKS.md)
-_skinny_bf16: SkinnyFn | None = None
+SKINNY_MAX_ROWS = 4  # up to this many rows the weight-streaming kernel is used
+_bf16_kernels: tuple[SkinnyFn, SkinnyFn] | None = None  # (few rows, many rows)
 
 
-def set_skinny_backend(fn: SkinnyFn | None) -> None:
-    """Install (or remove, with None) the bf16 skinny-matmul kernel."""
-    global _skinny_bf16
-    _skinny_bf16 = fn
+def set_bf16_backend(kernels: tuple[SkinnyFn, SkinnyFn] | None) -> None:
+    """Install (or remove, with None) the native bf16 matmul kernels."""
+    global _bf16_kernels
+    _bf16_kernels = kernels
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, in] -> [T, out]; same result as F.linear up to float rounding."""
-    fn = _skinny_bf16
-    if (fn is not None and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS
-            and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"):
-        return fn(x, weight, bias)
+    kernels = _bf16_kernels
+    if (kernels is not None and x.dim() == 2 and weight.dtype == torch.bfloat16
+            and weight.device.type == "cpu"):
+        return kernels[0 if x.shape[0] <= SKINNY_MAX_ROWS else 1](x, weight, bias)
     return F.linear(x, weight, bias)
 
 
