@@ -198,12 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None,
                    help="Model folder or hub id (default: the embedded demo model).")
     add_dataclass_flags(p, EngineConfig, skip={"model"})
-    try:
-        from yun.server.settings import ServerSettings
+    from yun.server.settings import ServerSettings
 
-        add_dataclass_flags(p, ServerSettings)
-    except ImportError:  # the server package is optional at import time
-        pass
+    add_dataclass_flags(p, ServerSettings)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="Generate text for one prompt, streamed to the terminal.")
@@ -218,12 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(p, max_tokens=512)
     p.set_defaults(func=cmd_chat)
 
-    try:
-        from yun.bench.cli import add_bench_parser
+    from yun.bench.cli import add_bench_parser
 
-        add_bench_parser(sub)
-    except ImportError:
-        pass
+    add_bench_parser(sub)
     return parser
 
 
