@@ -95,4 +95,34 @@ def client(server) -> openai.OpenAI:
     return server.client()
 
 
-MODEL = "tiny"
+@pytest.fixture(scope="session")
+def make_engine(qwen2_path):
+    """A fresh AsyncEngine over the tiny checkpoint (EngineConfig overrides as keywords)."""
+    return lambda **overrides: _engine(qwen2_path, **overrides)
+
+
+@pytest.fixture(scope="session")
+def start_server() -> Iterator:
+    """Start a LiveServer for (app, engine); stopped at the end of the session."""
+    started: list[LiveServer] = []
+
+    def start(app, engine: AsyncEngine) -> LiveServer:
+        started.append(LiveServer(app, engine).start())
+        return started[-1]
+
+    yield start
+    for live in started:
+        live.stop()
+
+
+@pytest.fixture(scope="session")
+def api_key() -> str:
+    return API_KEY
+
+
+@pytest.fixture(scope="session")
+def offline(qwen2_path):
+    """The offline API over the same checkpoint: the reference for served results."""
+    import yun
+
+    return yun.LLM(qwen2_path, kv_cache_memory=KV_BYTES)

@@ -9,8 +9,9 @@ import pytest
 
 import yun
 from yun import SamplingParams
-from tests.server.conftest import KV_BYTES, MODEL
 
+MODEL = "tiny"  # the served_model_name of the `server` fixture
+IGNORE_EOS = {"ignore_eos": True}  # a vLLM-style extra the SDK sends in extra_body
 CHAT = [{"role": "system", "content": "You are terse."},
         {"role": "user", "content": "Say something."}]
 
@@ -76,7 +77,7 @@ def test_chat_stream_with_usage(client):
 
 def test_chat_stream_continuous_usage(client):
     chunks = list(client.chat.completions.create(
-        model=MODEL, messages=CHAT, max_tokens=6, temperature=0, ignore_eos=True, stream=True,
+        model=MODEL, messages=CHAT, max_tokens=6, temperature=0, extra_body=IGNORE_EOS, stream=True,
         stream_options={"include_usage": True, "continuous_usage_stats": True}))
     assert all(c.usage is not None for c in chunks)
     counts = [c.usage.completion_tokens for c in chunks]
@@ -98,7 +99,7 @@ def test_sse_wire_format(server):
 
 def test_chat_logprobs(client):
     r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, temperature=0,
-                                       logprobs=True, top_logprobs=3, ignore_eos=True)
+                                       logprobs=True, top_logprobs=3, extra_body=IGNORE_EOS)
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens == 5
     for item in content:
@@ -113,7 +114,7 @@ def test_chat_logprobs(client):
 
 def test_chat_stream_logprobs_match_the_whole_response(client):
     kw = dict(model=MODEL, messages=CHAT, max_tokens=5, temperature=0, logprobs=True,
-              top_logprobs=2, ignore_eos=True)
+              top_logprobs=2, extra_body=IGNORE_EOS)
     full = client.chat.completions.create(**kw).choices[0].logprobs.content
     streamed = [item for c in client.chat.completions.create(stream=True, **kw)
                 if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content]
@@ -129,8 +130,26 @@ def test_completions_with_a_list_of_prompts_and_n(client):
     assert all(c.finish_reason in ("stop", "length") for c in r.choices)
 
 
+def test_chat_with_n_2_streamed_and_not(client):
+    kw = dict(model=MODEL, messages=CHAT, max_tokens=5, n=2, temperature=1.0, seed=3)
+    full = client.chat.completions.create(**kw)
+    assert [c.index for c in full.choices] == [0, 1]
+    assert full.choices[0].message.content != full.choices[1].message.content
+    texts, roles, reasons = {0: "", 1: ""}, [], {}
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.delta.role:
+                roles.append(c.index)
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+    assert sorted(roles) == [0, 1]
+    assert texts == {c.index: c.message.content for c in full.choices}
+    assert reasons == {c.index: c.finish_reason for c in full.choices}
+
+
 def test_completions_stream_matches_the_whole_response(client):
-    kw = dict(model=MODEL, prompt=["Hello", [9707, 1879]], max_tokens=6, temperature=0)
+    kw = dict(model=MODEL, prompt=[[9707, 1879], [785, 3974, 13876]], max_tokens=6, temperature=0)
     full = client.completions.create(**kw)
     texts = {0: "", 1: ""}
     reasons = {}
@@ -145,11 +164,6 @@ def test_completions_stream_matches_the_whole_response(client):
     assert texts == {c.index: c.text for c in full.choices}
     assert reasons == {c.index: c.finish_reason for c in full.choices}
     assert usage.model_dump() == full.usage.model_dump()
-
-
-@pytest.fixture(scope="module")
-def offline(qwen2_path):
-    return yun.LLM(qwen2_path, kv_cache_memory=KV_BYTES)
 
 
 def test_echo_logprobs_on_token_ids_match_the_engines_prompt_logprobs(client, offline):
@@ -180,6 +194,21 @@ def test_echo_logprobs_on_token_ids_match_the_engines_prompt_logprobs(client, of
     assert r.usage.prompt_tokens == sum(map(len, prompts)) and r.usage.completion_tokens == 2
 
 
+def test_streamed_echo_and_logprobs_match_the_whole_response(client):
+    kw = dict(model=MODEL, prompt=[9707, 11, 1879], max_tokens=4, logprobs=2, echo=True,
+              temperature=0, extra_body=IGNORE_EOS)
+    full = client.completions.create(**kw).choices[0]
+    text, lp = "", {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            text += c.text
+            if c.logprobs:
+                for key in lp:
+                    lp[key] += getattr(c.logprobs, key)
+    assert text == full.text
+    assert lp == full.logprobs.model_dump()
+
+
 def test_echo_with_max_tokens_zero_scores_only_the_prompt(client):
     ids = [9707, 11, 1879, 0]
     r = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, logprobs=0, echo=True)
@@ -191,7 +220,7 @@ def test_echo_with_max_tokens_zero_scores_only_the_prompt(client):
 
 def test_completion_logprobs_without_echo(client):
     r = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=4, logprobs=2,
-                                  temperature=0, ignore_eos=True)
+                                  temperature=0, extra_body=IGNORE_EOS)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == 4 and "".join(lp.tokens) == r.choices[0].text
     assert all(len(t) in (2, 3) for t in lp.top_logprobs)
@@ -200,7 +229,7 @@ def test_completion_logprobs_without_echo(client):
 
 
 def test_stop_strings(client):
-    kw = dict(model=MODEL, prompt="Once upon a time", temperature=0, ignore_eos=True)
+    kw = dict(model=MODEL, prompt="Once upon a time", temperature=0, extra_body=IGNORE_EOS)
     text = client.completions.create(max_tokens=12, **kw).choices[0].text
     stop = text[len(text) // 2:len(text) // 2 + 3]
     assert stop.strip(), text
@@ -213,13 +242,13 @@ def test_stop_strings(client):
 
 
 def test_length_only_on_real_truncation(client):
-    r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, ignore_eos=True,
+    r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, extra_body=IGNORE_EOS,
                                   temperature=0)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
 
 
 def test_seed_reproducibility(client):
-    kw = dict(model=MODEL, messages=CHAT, max_tokens=8, temperature=1.0, ignore_eos=True)
+    kw = dict(model=MODEL, messages=CHAT, max_tokens=8, temperature=1.0, extra_body=IGNORE_EOS)
     a = client.chat.completions.create(seed=1234, **kw).choices[0].message.content
     b = client.chat.completions.create(seed=1234, **kw).choices[0].message.content
     c = client.chat.completions.create(seed=99, **kw).choices[0].message.content
@@ -234,6 +263,7 @@ def test_models_health_version(server, client):
         assert http.get("/health").status_code == 200
         assert http.get("/version").json()["version"] == yun.__version__
         assert "yun" in http.get("/").text
+        assert "/v1/chat/completions" in http.get("/openapi.json").json()["paths"]
 
 
 def test_tokenizer_endpoints(server, engine):

@@ -7,10 +7,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 from types import FrameType
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import uvicorn
 
@@ -24,13 +25,13 @@ log = logging.getLogger("yun.server")
 
 
 class _Server(uvicorn.Server):
-    """uvicorn.Server that says where it listens once it does, and returns normally after
-    a graceful shutdown on Ctrl-C / SIGTERM (uvicorn re-raises the signal otherwise, which
-    would kill the process before the engine is shut down)."""
+    """uvicorn.Server that says where it listens once it does, ends in-flight requests
+    itself when the grace period is over, and returns normally after Ctrl-C / SIGTERM."""
 
-    def __init__(self, config: uvicorn.Config, on_ready: Callable[[int], None]):
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[int], None],
+                 stop_requests: Callable[[], Awaitable[None]], grace: float):
         super().__init__(config)
-        self.on_ready = on_ready
+        self.on_ready, self.stop_requests, self.grace = on_ready, stop_requests, grace
 
     async def startup(self, sockets: list | None = None) -> None:
         await super().startup(sockets)
@@ -40,7 +41,23 @@ class _Server(uvicorn.Server):
                 port = self.servers[0].sockets[0].getsockname()[1]
             self.on_ready(port)
 
+    async def shutdown(self, sockets: list | None = None) -> None:
+        # uvicorn waits for in-flight requests, then cancels them (a traceback each).
+        # Before that, once the grace period is over, end them cleanly: a stream gets an
+        # error event, a plain request a 503.
+        async def stop_late() -> None:
+            await asyncio.sleep(self.grace)
+            await self.stop_requests()
+
+        stopper = asyncio.create_task(stop_late())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            stopper.cancel()
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # uvicorn re-raises the signal after shutting down, which would kill the process
+        # before the engine is shut down; we return from serve() instead.
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True  # a second Ctrl-C: stop waiting for requests
         self.should_exit = True
@@ -71,11 +88,15 @@ def serve(engine_config: "EngineConfig", settings: ServerSettings) -> None:
             print(f"yun: serving {name} at {base}/v1 (Ctrl-C to stop)", flush=True)
             print(f"yun: try: {curl_example(base, name, settings.api_key)}", flush=True)
 
+        async def stop_requests() -> None:
+            app.state.serving.draining = True
+            await asyncio.to_thread(engine.shutdown)  # every generation ends with an error
+
+        grace = settings.shutdown_timeout
         config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                                log_level=settings.log_level,
-                                timeout_graceful_shutdown=settings.shutdown_timeout,  # type: ignore[arg-type]
-                                timeout_keep_alive=5)
-        _Server(config, ready).run()
+                                log_level=settings.log_level, timeout_keep_alive=5,
+                                timeout_graceful_shutdown=grace + 5)  # type: ignore[arg-type]
+        _Server(config, ready, stop_requests, grace).run()
     finally:
         engine.shutdown()
         print("yun: stopped", flush=True)

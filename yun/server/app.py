@@ -15,9 +15,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 import yun
 from yun.server.errors import APIError, error_response, install_error_handlers
 from yun.server.metrics import ServerMetrics
-from yun.server.middleware import ApiKeyAuth, BodyLimit, RequestCounter
+from yun.server.middleware import ApiKeyAuth, BodyLimit, JsonBodies, RequestCounter
 from yun.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                  ModelCard, ModelList, TokenizeRequest)
+from yun.server.chat import ChatCompletions
+from yun.server.completions import Completions
 from yun.server.serving import OpenAIServing
 from yun.server.settings import ServerSettings
 
@@ -43,6 +45,7 @@ def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
     name = model_name(settings, engine.config.model)
     metrics = ServerMetrics(engine, name)
     serving = OpenAIServing(engine, settings, name, metrics)
+    chat, complete = ChatCompletions(serving), Completions(serving)
     created = int(time.time())
 
     @asynccontextmanager
@@ -58,11 +61,11 @@ def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
-        return await serving.chat(req, raw)
+        return await chat(req, raw)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:
-        return await serving.completion(req, raw)
+        return await complete(req, raw)
 
     def card() -> ModelCard:
         return ModelCard(id=name, created=created, root=engine.config.model or name,
@@ -102,6 +105,7 @@ def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
             return _landing_page(name, str(request.base_url).rstrip("/"))
 
     routes = {getattr(r, "path", "") for r in app.routes}
+    app.add_middleware(JsonBodies)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyAuth, api_key=settings.api_key, protected=_needs_key)
     app.add_middleware(RequestCounter, routes=routes,

@@ -82,22 +82,26 @@ def _is_type_tag(part: str) -> bool:
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
+    """One clear message naming the field (`param`), from pydantic's list of errors."""
     errors = exc.errors()
     if not errors:
         return bad_request("invalid request")
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        why = (first.get("ctx") or {}).get("error", "")
+    if errors[0].get("type") == "json_invalid":
+        why = (errors[0].get("ctx") or {}).get("error", "")
         return bad_request(f"the request body is not valid JSON ({why})".replace(" ()", ""))
+    # A union reports one error per member: the deepest one names the real problem.
+    first = max(errors, key=lambda e: len(param_of(tuple(e.get("loc", ()))) or ""))
     param = param_of(tuple(first.get("loc", ())))
-    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    if first.get("type") == "missing":
-        msg = "this field is required"
-    if param is None and first.get("type") in ("model_attributes_type", "dict_type"):
-        return bad_request("the request body must be a JSON object")
-    text = f"{param}: {msg}" if param else msg
-    if len(errors) > 1:
-        text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    kind = first.get("type")
+    if param is None:
+        return bad_request("the request body is empty: send a JSON object" if kind == "missing"
+                           else "the request body must be a JSON object")
+    msg = "this field is required" if kind == "missing" else \
+        str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    text = f"{param}: {msg}"
+    others = {param_of(tuple(e.get("loc", ()))) for e in errors} - {param}
+    if others:  # other fields (a union's members all report on the same one)
+        text += f" (and {len(others)} more field{'s' if len(others) > 1 else ''} with problems)"
     return bad_request(text, param=param)
 
 

@@ -129,3 +129,19 @@ class BodyLimit:
         except _TooLarge:
             if not started:
                 await send_error(send, error)
+
+
+class JsonBodies:
+    """Read POST bodies as JSON whatever their Content-Type says (`curl -d` sends
+    application/x-www-form-urlencoded; some clients send none)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
+            given = dict(scope.get("headers", [])).get(b"content-type", b"")
+            if not given.startswith(b"application/json"):
+                scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from yun.sampling_params import SamplingParams
 from yun.server.errors import APIError, bad_request
@@ -106,19 +106,31 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
+PromptType = str | list[str] | list[TokenId] | list[list[TokenId]]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    prompt: PromptType
     logprobs: Int64 | None = None
     echo: bool | None = False
     best_of: Int64 | None = None
     suffix: str | None = None
     add_special_tokens: bool | None = True
 
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_shape(cls, value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError("must be a string, a list of strings, a list of token ids "
+                             f"(0 to {2**31 - 1}) or a list of token-id lists") from None
+
 
 class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = True
 
@@ -209,41 +221,45 @@ def _first(*values: Any, default: Any = None) -> Any:
     return next((v for v in values if v is not None), default)
 
 
+def _server_limits(req: SamplingFields, logprobs: int | None, logprobs_param: str) -> float:
+    """Bounds SamplingParams does not impose but the server needs (sizes a client could
+    abuse, values that would turn logits into inf or NaN). Returns the temperature to use:
+    below MIN_TEMPERATURE sampling is greedy."""
+    n = _first(req.n, default=1)
+    if n > MAX_N:
+        raise bad_request(f"n must be at most {MAX_N}, got {n}", "n")
+    if logprobs is not None and logprobs > MAX_LOGPROBS:
+        raise bad_request(f"{logprobs_param} must be at most {MAX_LOGPROBS}, got {logprobs}",
+                          logprobs_param)
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported", "logit_bias")
+    repetition_penalty = _first(req.repetition_penalty, default=1.0)
+    if repetition_penalty != 1.0 and not 0.01 <= repetition_penalty <= 100.0:
+        raise bad_request("repetition_penalty must be in [0.01, 100], got "
+                          f"{repetition_penalty}", "repetition_penalty")
+    temperature = _first(req.temperature, default=1.0)
+    if temperature > MAX_TEMPERATURE:
+        raise bad_request(f"temperature must be at most {MAX_TEMPERATURE:g}, got {temperature}",
+                          "temperature")
+    return 0.0 if 0 < temperature < MIN_TEMPERATURE else temperature
+
+
 def to_sampling_params(req: SamplingFields, *, max_tokens: int | None,
                        max_tokens_param: str = "max_tokens", logprobs: int | None = None,
                        prompt_logprobs: int | None = None,
                        logprobs_param: str = "logprobs") -> SamplingParams:
     """The engine's SamplingParams for this request; APIError(400) naming the bad field."""
-    n = _first(req.n, default=1)
-    if n > MAX_N:
-        raise bad_request(f"n must be at most {MAX_N}, got {n}", "n")
-    for name, value in ((logprobs_param, logprobs), (logprobs_param, prompt_logprobs)):
-        if value is not None and value > MAX_LOGPROBS:
-            raise bad_request(f"{name} must be at most {MAX_LOGPROBS}, got {value}", name)
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", "logit_bias")
-    temperature = _first(req.temperature, default=1.0)
-    if temperature > MAX_TEMPERATURE:
-        raise bad_request(f"temperature must be at most {MAX_TEMPERATURE:g}, got {temperature}",
-                          "temperature")
-    if 0 < temperature < MIN_TEMPERATURE:
-        temperature = 0.0
-    repetition_penalty = _first(req.repetition_penalty, default=1.0)
-    if repetition_penalty != 1.0 and not 0.01 <= repetition_penalty <= 100.0:
-        raise bad_request("repetition_penalty must be in [0.01, 100], got "
-                          f"{repetition_penalty}", "repetition_penalty")
-    names = {"max_tokens": max_tokens_param, "logprobs": logprobs_param,
-             "prompt_logprobs": logprobs_param}
+    temperature = _server_limits(req, logprobs, logprobs_param)
     try:
         return SamplingParams(
-            n=n,
+            n=_first(req.n, default=1),
             max_tokens=max_tokens,
             min_tokens=_first(req.min_tokens, default=0),
             temperature=temperature,
             top_p=_first(req.top_p, default=1.0),
             top_k=_first(req.top_k, default=0),
             min_p=_first(req.min_p, default=0.0),
-            repetition_penalty=repetition_penalty,
+            repetition_penalty=_first(req.repetition_penalty, default=1.0),
             presence_penalty=_first(req.presence_penalty, default=0.0),
             frequency_penalty=_first(req.frequency_penalty, default=0.0),
             seed=req.seed,
@@ -255,13 +271,11 @@ def to_sampling_params(req: SamplingFields, *, max_tokens: int | None,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=_first(req.skip_special_tokens, default=True),
         )
-    except ValueError as e:
-        field = str(e).split(" ", 1)[0]
-        param = names.get(field, field)
-        message = str(e)
-        if param != field:
-            message = param + message[len(field):]
-        raise APIError(400, message, param=param) from e
+    except ValueError as e:  # "<field> must ..., got ...": name the API's field
+        field, message = str(e).split(" ", 1)[0], str(e)
+        param = {"max_tokens": max_tokens_param, "logprobs": logprobs_param,
+                 "prompt_logprobs": logprobs_param}.get(field, field)
+        raise APIError(400, param + message[len(field):], param=param) from e
 
 
 def chat_sampling_params(req: ChatCompletionRequest) -> SamplingParams:

@@ -1,7 +1,8 @@
 """Settings of the HTTP server (the engine's own settings live in `yun.config.EngineConfig`).
 
 Like `EngineConfig`, every field carries its CLI help in `metadata["help"]`, so the flags
-of `yun serve` are generated from this one list.
+of `yun serve` are generated from this one list (`metadata["choices"]` lists the allowed
+values; `metadata["size"]` marks a byte count that the CLI parses with `parse_size`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class ServerSettings:
         "past it new requests get 429 with Retry-After.")
     max_body_bytes: int = _opt(
         16 * 2**20, "Largest request body in bytes (suffixes K, M, G accepted on the CLI); "
-        "larger ones get 413.")
+        "larger ones get 413.", size=True)
     shutdown_timeout: float = _opt(
         5.0, "Seconds in-flight requests get to finish after Ctrl-C or SIGTERM before they "
         "are aborted.")

@@ -1,0 +1,88 @@
+"""Requests -> prompt token ids: the model's own chat template, or the completions prompt
+forms. Plain functions over the tokenizer; the server runs them in a worker thread."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from yun.server.errors import bad_request
+from yun.server.protocol import ChatMessage, CompletionRequest
+
+# chat_template_kwargs keys that would change what apply_chat_template returns.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+Prompt = tuple[str | None, list[int]]  # (text if known, token ids)
+
+
+class PromptTokenizer(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool = True, **kwargs: Any) -> str: ...
+
+
+def message_dict(m: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates expect it: content a string, tool arguments a dict."""
+    content = m.content
+    if isinstance(content, list):
+        content = "\n".join(p.text or "" for p in content)
+    d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                         "content": content or ""}
+    if m.name:
+        d["name"] = m.name
+    if m.tool_call_id:
+        d["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        d["tool_calls"] = [_parsed_arguments(call) for call in m.tool_calls]
+    return d
+
+
+def _parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI sends tool-call arguments as JSON text; templates (e.g. Qwen's) want a dict."""
+    fn = call.get("function")
+    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+        try:
+            return {**call, "function": {**fn, "arguments": json.loads(fn["arguments"])}}
+        except ValueError:
+            pass
+    return call
+
+
+def render_chat(tok: PromptTokenizer, messages: list[ChatMessage],
+                add_generation_prompt: bool = True,
+                template_kwargs: dict[str, Any] | None = None) -> Prompt:
+    """The conversation rendered by the model's chat template, and its token ids."""
+    kwargs = dict(template_kwargs or {})
+    reserved = sorted(_RESERVED_TEMPLATE_KWARGS & set(kwargs))
+    if reserved:
+        raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}",
+                          "chat_template_kwargs")
+    dicts = [message_dict(m) for m in messages]
+    try:
+        text = tok.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt,
+                                       **kwargs)
+    except Exception as e:  # template errors are about the input (roles, content)
+        raise bad_request(f"cannot render the chat template: {e}", "messages") from e
+    if not isinstance(text, str):
+        raise bad_request("the chat template did not render to text", "messages")
+    return text, tok.encode(text, add_special_tokens=False)
+
+
+def completion_prompts(tok: PromptTokenizer, req: CompletionRequest) -> list[Prompt]:
+    """One prompt per item: a string, a list of strings, token ids, or lists of them."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise bad_request("prompt must not be empty", "prompt")
+    add_special = req.add_special_tokens is not False
+    return [(item, tok.encode(item, add_special_tokens=add_special)) if isinstance(item, str)
+            else (None, list(item)) for item in items]
