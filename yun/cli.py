@@ -39,7 +39,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: set[st
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         ftype = str(f.type)
-        if f.name == "kv_cache_memory":
+        if f.name == "kv_cache_memory" or f.metadata.get("size"):
             kwargs["type"] = parse_size
         elif "int" in ftype:
             kwargs["type"] = int

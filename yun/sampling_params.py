@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+GREEDY_BELOW = 1e-5  # temperatures under this are treated as greedy (0)
 
 
 @dataclass
@@ -44,11 +47,19 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
 
     def _validate(self) -> None:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"{name} {why}, got {getattr(self, name)!r}")
 
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise bad(name, "must be a finite number")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise bad("seed", "must be in [0, 2**63)")
         if self.n < 1:
             raise bad("n", "must be at least 1")
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -169,3 +169,28 @@ def test_chat_renders_the_models_template(llm):
                    SamplingParams(temperature=0, max_tokens=4))[0]
     assert out.prompt.startswith("<|im_start|>system")
     assert out.prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_stop_string_on_the_last_allowed_token_reports_stop(llm):
+    base = llm.generate({"prompt_token_ids": [9707, 11, 1879]},
+                        SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0].outputs[0]
+    last_piece = llm.tokenizer.decode(base.token_ids[-1:])
+    assert last_piece.strip(), "the last token must decode to some text for this test"
+    out = llm.generate({"prompt_token_ids": [9707, 11, 1879]},
+                       SamplingParams(temperature=0, max_tokens=3, ignore_eos=True,
+                                      stop=[last_piece]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == last_piece
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=float("nan")), dict(top_p=float("inf")),
+                                 dict(seed=2**64), dict(seed=-1)])
+def test_sampling_params_reject_values_the_sampler_cannot_take(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SamplingParams(**bad)
+
+
+def test_tiny_temperature_is_greedy(llm):
+    p = {"prompt_token_ids": [5, 6, 7]}
+    tiny = llm.generate(p, SamplingParams(temperature=1e-300, max_tokens=8, ignore_eos=True))
+    greedy = llm.generate(p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert tokens(tiny) == tokens(greedy)

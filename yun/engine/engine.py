@@ -112,7 +112,8 @@ class LLMEngine:
         params = replace(params, _eos_token_ids=self.eos_token_ids)
         parent = _Parent(request_id, prompt, list(prompt_token_ids), params)
         for i in range(params.n):
-            seed = (params.seed + i) if params.seed is not None else self._seed_rng.getrandbits(63)
+            seed = ((params.seed + i) % 2**63 if params.seed is not None
+                    else self._seed_rng.getrandbits(63))
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(child_id, parent.prompt_token_ids, params,
                           max_tokens=min(params.max_tokens or room, room), seed=seed)
@@ -167,9 +168,12 @@ class LLMEngine:
             if req.first_token_time is None:
                 req.first_token_time = now
             stop = child.detok.update([req.output_token_ids[-1]])
-            if stop is not None and not req.is_finished:
+            if stop is not None:  # a stop string wins over length on the same token
                 req.stop_reason = stop
-                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                if req.is_finished:
+                    req.status = RequestStatus.FINISHED_STOPPED
+                else:
+                    self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
             if req.is_finished:
                 child.finish_reason = req.status.value
                 self._forget(req.request_id)
