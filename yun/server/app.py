@@ -6,10 +6,12 @@ from __future__ import annotations
 import html
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import yun
@@ -28,6 +30,17 @@ if TYPE_CHECKING:
 
 DEMO_NAME = "yun-demo"
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
+STATIC = Path(__file__).with_name("static")  # the chat page: index.html, app.js, style.css
+# The page runs only its own script and talks only to this origin: even a rendering bug
+# could not run model output as script or send it elsewhere.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 def model_name(settings: ServerSettings, model: str | None) -> str:
@@ -99,7 +112,13 @@ def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
         app.add_api_route(prefix + "/detokenize", serving.detokenize, methods=["POST"])
         app.add_api_route(prefix + "/tokenizer_info", serving.tokenizer_info, methods=["GET"])
 
-    if settings.ui:
+    if settings.ui:  # the chat page, over the public API only
+        app.mount("/static", _Revalidated(directory=STATIC), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def chat_page() -> FileResponse:
+            return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+    else:
         @app.get("/", response_class=HTMLResponse, include_in_schema=False)
         async def index(request: Request) -> str:
             return _landing_page(name, str(request.base_url).rstrip("/"))
@@ -112,6 +131,16 @@ def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
                        count=lambda route, status: metrics.requests.labels(
                            route=route, status=str(status)).inc())
     return app
+
+
+class _Revalidated(StaticFiles):
+    """Static files that browsers revalidate (a 304 when unchanged), so an upgraded yun
+    never runs yesterday's app.js."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
 
 
 def curl_example(base_url: str, model: str, api_key: str | None = None) -> str:
