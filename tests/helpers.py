@@ -42,3 +42,31 @@ def reference_model(path: str):
     arch = ModelConfig.from_folder(path).architecture
     model = getattr(transformers, arch).from_pretrained(path, dtype=torch.float32)
     return model.eval()
+
+
+# Fresh prefill, a chunk after a cached prefix, and single-token decode steps.
+ATTENTION_PATHS = ([70], [40, 29, 1], [16, 16, 1, 1, 36])
+
+
+def assert_logits_match(engine: LLMEngine, ref, label: str, tol: float = 1e-4) -> None:
+    """Our float32 logits equal the reference's on a 70-token prompt (5 blocks of 16),
+    whichever attention path computes them."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 151000, (70,), generator=g).tolist()
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].float()
+    for chunks in ATTENTION_PATHS:
+        diff = (logits_in_chunks(engine, ids, chunks) - expected).abs().max().item()
+        assert diff <= tol, f"{label} chunks={chunks}: max |logit diff| = {diff}"
+
+
+def assert_greedy_matches(llm, ref, num_tokens: int) -> None:
+    """Greedy tokens equal transformers' generate for `num_tokens` tokens."""
+    prompt = list(range(1000, 1037))
+    out = llm.generate({"prompt_token_ids": prompt},
+                       SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True))[0]
+    with torch.no_grad():
+        g = ref.generate(torch.tensor([prompt]), max_new_tokens=num_tokens,
+                         min_new_tokens=num_tokens, do_sample=False)
+    assert out.outputs[0].token_ids == g[0, len(prompt):].tolist()
+    assert out.outputs[0].finish_reason == "length"
