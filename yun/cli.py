@@ -7,6 +7,7 @@ CLI and the Python API never disagree about what can be set.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import MISSING, fields
@@ -183,7 +184,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from yun.server.settings import ServerSettings
 
     settings = ServerSettings(**{f.name: getattr(args, f.name) for f in fields(ServerSettings)})
-    serve(engine_config_from(args), settings)
+    config = engine_config_from(args)
+    if config.tensor_parallel_size > 1:  # under torchrun, ranks other than 0 are workers
+        from yun.distributed.parallel import Rendezvous
+        from yun.distributed.worker import run_worker
+
+        rdv = Rendezvous.from_environ(os.environ)
+        if rdv is not None and rdv.rank != 0:
+            run_worker(config, rdv)
+            return 0
+    serve(config, settings)
     return 0
 
 

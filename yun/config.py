@@ -37,8 +37,10 @@ class EngineConfig:
         None, "KV-cache size in bytes (suffixes K, M, G accepted on the CLI). Default: "
         "40%% of free RAM on CPU (at most 8 GiB), 80%% of free GPU memory on CUDA.")
     max_num_seqs: int = _opt(64, "Most requests that run in one engine step.")
-    max_num_batched_tokens: int = _opt(
-        2048, "Token budget of one engine step (prefill chunks plus decodes).")
+    max_num_batched_tokens: int | None = _opt(
+        None, "Token budget of one engine step (prefill chunks plus decodes). A step's "
+        "time grows with it, and every running request waits for the step: default "
+        "512 on CPU (a step of about a second for a 0.5B model), 8192 on CUDA.")
     enable_chunked_prefill: bool = _opt(
         True, "Split long prompts across steps so decodes keep flowing.")
     enable_prefix_caching: bool = _opt(
@@ -49,6 +51,11 @@ class EngineConfig:
     seed: int = _opt(0, "Seed for requests that give none.")
     num_threads: int | None = _opt(
         None, "CPU threads for torch. Default: one per physical core available.")
+    tensor_parallel_size: int = _opt(
+        1, "Split the model over this many processes (ranks) on torch.distributed: gloo on "
+        "CPU, NCCL on CUDA (one GPU per rank). yun starts the ranks on this machine, or "
+        "joins ranks that torchrun started (its RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). "
+        "On CPU the cores are shared out between the ranks; --kv-cache-memory is per rank.")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -57,13 +64,16 @@ class EngineConfig:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens <= 0:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0:
             raise ValueError(
                 f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.tensor_parallel_size <= 0:
+            raise ValueError(
+                f"tensor_parallel_size must be positive, got {self.tensor_parallel_size}")
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -2,10 +2,58 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 GREEDY_BELOW = 1e-5  # temperatures under this are treated as greedy (0)
+
+
+@dataclass(frozen=True)
+class GuidedDecoding:
+    """Constrain the output to a language (exactly one kind set); see yun/engine/guided.py.
+
+    `json`: a JSON schema (a dict, or its JSON text); `json_object`: any JSON object;
+    `regex`; `choice`: one of these strings; `grammar`: EBNF (GBNF-style, `root ::= ...`).
+    `start_after`: token ids after which the constraint starts (e.g. `</think>` when the
+    prompt leaves the model inside its reasoning); empty: from the first token.
+    Hashable, so compiled grammars are cached by spec.
+    """
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    start_after: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.json is not None and not isinstance(self.json, str):
+            object.__setattr__(self, "json", json.dumps(self.json, ensure_ascii=False))
+        if self.choice is not None:
+            choice = tuple(self.choice)
+            if not choice or not all(isinstance(c, str) for c in choice):
+                raise ValueError(f"guided choice must be a non-empty list of strings, "
+                                 f"got {self.choice!r}")
+            object.__setattr__(self, "choice", choice)
+        object.__setattr__(self, "start_after", tuple(self.start_after))
+        kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        kinds += ["json_object"] if self.json_object else []
+        if len(kinds) != 1:
+            raise ValueError("guided decoding takes exactly one of json, json_object, regex, "
+                             f"choice, grammar; got {', '.join(kinds) or 'none'}")
+
+    @property
+    def kind(self) -> str:
+        if self.json_object:
+            return "json_object"
+        return next(k for k in ("json", "regex", "choice", "grammar")
+                    if getattr(self, k) is not None)
+
+    @property
+    def value(self) -> Any:
+        return True if self.json_object else getattr(self, self.kind)
 
 
 @dataclass
@@ -36,6 +84,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    guided: GuidedDecoding | None = None  # constrained decoding (JSON schema, regex, ...)
     # Filled by the engine from the model's generation config; not user-facing.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 

@@ -99,16 +99,32 @@ def test_unknown_route_is_a_404_error_object(server):
         _error(http.get("/v1/chat/completions"), 405)
 
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
 @pytest.mark.parametrize("body,param", [
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+     "tool_choice"),
+    ({"tools": [TOOL, TOOL]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools[0].function.name"),
+    ({"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "response_format"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "frobnicate"}}}}, "response_format"),
+    ({"guided_json": "{not json"}, "guided_json"),
+    ({"guided_regex": "(unclosed"}, "guided_regex"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_grammar": "root ::= "}, "guided_grammar"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url",
                                                  "image_url": {"url": "x"}}]}]},
      "messages[0].content[0].type"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
 ])
-def test_features_not_supported_yet_are_a_clear_400(client, body, param):
+def test_unsupported_or_invalid_features_are_a_clear_400(client, body, param):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(**{"model": MODEL, "messages": CHAT, "max_tokens": 1,
                                           "extra_body": body})

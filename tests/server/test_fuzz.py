@@ -48,18 +48,31 @@ COMMON = {
     "user": st.text(max_size=5), "parallel_tool_calls": st.booleans(), "store": st.booleans(),
     "metadata": st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2),
     "service_tier": st.sampled_from(["auto", "default"]),
+    "guided_regex": st.sampled_from([r"\d+", "[a-z]{1,3}", "(", "a|b", ".*"]),
+    "guided_choice": st.lists(st.text(max_size=4), max_size=3),
+    "guided_json": st.sampled_from([{"type": "object"}, {"type": "string"}, {"type": "nope"},
+                                    "{", {"type": "array", "items": {"type": "integer"}}]),
 }
 CHAT = {**COMMON, "messages": st.lists(message, min_size=1, max_size=3),
         "max_tokens": st.integers(1, 3), "max_completion_tokens": st.integers(1, 3),
         "logprobs": st.booleans(), "top_logprobs": st.integers(0, 5),
-        "tool_choice": st.sampled_from(["none", "auto"]),
-        "response_format": st.just({"type": "text"})}
+        "tools": st.just([{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {
+                "x": {"type": "integer"}}, "required": ["x"]}}}]),
+        "tool_choice": st.sampled_from(["none", "auto", "required",
+                                        {"type": "function", "function": {"name": "f"}}]),
+        "separate_reasoning": st.booleans(),
+        "response_format": st.sampled_from([
+            {"type": "text"}, {"type": "json_object"},
+            {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+                "type": "object", "properties": {"a": {"type": "string"}}}}}])}
 COMPLETIONS = {**COMMON, "max_tokens": st.integers(0, 3),
                "prompt": st.one_of(st.text(max_size=30), st.lists(st.text(max_size=10),
                                                                   min_size=1, max_size=3),
                                    token_ids, st.lists(token_ids, min_size=1, max_size=3)),
                "logprobs": st.integers(0, 5), "echo": st.booleans()}
-EXTRA_KEYS = ["tools", "logit_bias", "best_of", "suffix", "response_format", "unknown"]
+EXTRA_KEYS = ["tools", "logit_bias", "best_of", "suffix", "response_format", "unknown",
+              "tool_choice", "guided_json", "guided_regex", "guided_choice", "guided_grammar"]
 
 
 def _bodies(fields: dict, required: str) -> st.SearchStrategy:

@@ -154,7 +154,7 @@ def _run_peers(path: str, workload: Workload, args: argparse.Namespace, config,
             dtype = roof.cost.dtype if roof else _run_dtype(path, config.dtype)
             opts = baselines.TransformersOptions(
                 dtype=dtype, threads=threads, batch_size=args.transformers_batch_size,
-                mode=args.transformers_mode, max_batch_tokens=config.max_num_batched_tokens)
+                mode=args.transformers_mode, max_batch_tokens=config.max_num_batched_tokens or 512)
             out += baselines.run_transformers(path, workload, opts, progress=args.progress)
         elif peer == "llama.cpp":
             opts = baselines.LlamaCppOptions(

@@ -17,14 +17,11 @@ from typing import AsyncIterator
 
 from yun.config import EngineConfig
 from yun.engine.engine import LLMEngine
+from yun.engine.errors import EngineDeadError
 from yun.outputs import RequestOutput
-from yun.sampling_params import SamplingParams
+from yun.sampling_params import GuidedDecoding, SamplingParams
 
 log = logging.getLogger("yun.engine")
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop stopped (a crash or shutdown); no request can be served."""
 
 
 @dataclass
@@ -115,6 +112,8 @@ class AsyncEngine:
         self._commands.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():
+            self.engine.shutdown()  # its worker processes, if any (after the last step)
 
     # ---- the public async API ------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -153,11 +152,20 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
+    def compile_grammar(self, spec: GuidedDecoding) -> None:
+        """Check and compile a guided-decoding spec now (ValueError naming the problem).
+
+        Thread-safe and blocking (tens of ms for a JSON schema): call it from a worker
+        thread before `generate`, so the engine loop finds the grammar cached.
+        """
+        self.engine.guided.compile(spec)
+
     # ---- the engine thread -----------------------------------------------------------------
     def _loop(self) -> None:
         eng = self.engine
         try:
             while not self._stopping.is_set():
+                eng.check_health()  # a dead worker process fails the loop, even when idle
                 block = not eng.has_unfinished()
                 if not self._drain(block):
                     break

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from yun.config import EngineConfig, ModelConfig
 from yun.engine.detokenize import IncrementalDetokenizer
+from yun.engine.guided import GuidedDecoder
 from yun.engine.kv_cache import KVCacheManager
 from yun.engine.request import Request, RequestStatus
 from yun.engine.runner import ModelRunner
@@ -50,20 +51,35 @@ class LLMEngine:
         path = resolve_model(config.model)
         self.model_config = ModelConfig.from_folder(path)
         self.tokenizer = Tokenizer.from_folder(path)
-        self.runner = ModelRunner(self.model_config, config)
-        num_blocks = self.runner.allocate_kv_cache(config.kv_cache_memory)
+        self.tp = None  # tensor parallelism: this process is rank 0 and starts the others
+        if config.tensor_parallel_size > 1:
+            from yun.distributed.parallel import start_tensor_parallel
+
+            self.tp = start_tensor_parallel(config, self.model_config)
+        try:
+            self.runner = ModelRunner(self.model_config, self.tp.config if self.tp else config,
+                                      self.tp)
+            num_blocks = self.runner.allocate_kv_cache(config.kv_cache_memory)
+        except BaseException:
+            if self.tp is not None:
+                self.tp.shutdown(graceful=False)
+            raise
         capacity = num_blocks * config.block_size
         self.max_model_len = self._resolve_max_len(config.max_model_len, capacity)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        batched = config.max_num_batched_tokens
+        batched = config.max_num_batched_tokens or (
+            512 if self.runner.device.type == "cpu" else 8192)
         if not config.enable_chunked_prefill:
             batched = max(batched, self.max_model_len)
+        self.max_num_batched_tokens = batched
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, batched, self.max_model_len,
                             config.enable_chunked_prefill), self.kv)
         self.eos_token_ids = self._eos_ids()
         self._parents: dict[str, _Parent] = {}
         self._child_to_parent: dict[str, str] = {}
+        self.guided = GuidedDecoder(self.tokenizer.hf, self.model_config.vocab_size,
+                                    self.eos_token_ids)
         self._seed_rng = random.Random(config.seed)
         self._ids = itertools.count()
 
@@ -110,6 +126,8 @@ class LLMEngine:
                 f"the prompt ({n_prompt} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                 f"the model's context length of {self.max_model_len} tokens")
         params = replace(params, _eos_token_ids=self.eos_token_ids)
+        if params.guided is not None:  # ValueError for a bad grammar, before any state
+            self.guided.compile(params.guided)
         parent = _Parent(request_id, prompt, list(prompt_token_ids), params)
         for i in range(params.n):
             seed = ((params.seed + i) % 2**63 if params.seed is not None
@@ -117,6 +135,9 @@ class LLMEngine:
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(child_id, parent.prompt_token_ids, params,
                           max_tokens=min(params.max_tokens or room, room), seed=seed)
+            if params.guided is not None:  # one grammar matcher per completion
+                req.grammar = self.guided.new_state(
+                    params.guided, [*params._eos_token_ids, *params.stop_token_ids])
             parent.children.append(_Child(req, IncrementalDetokenizer(
                 self.tokenizer, parent.prompt_token_ids, params)))
             self._child_to_parent[child_id] = request_id
@@ -137,6 +158,17 @@ class LLMEngine:
     def _forget(self, child_id: str) -> None:
         self.runner.release(child_id)
         self._child_to_parent.pop(child_id, None)
+
+    def check_health(self) -> None:
+        """Raise if a process this engine runs on has died (a tensor-parallel worker)."""
+        if self.tp is not None:
+            self.tp.check_workers()
+
+    def shutdown(self) -> None:
+        """Stop the engine's other processes, if any (tensor-parallel workers). Idempotent;
+        the engine cannot step afterwards."""
+        if self.tp is not None:
+            self.tp.shutdown()
 
     def has_unfinished(self) -> bool:
         return bool(self._parents)

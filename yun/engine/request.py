@@ -10,9 +10,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from yun.outputs import PositionLogprobs
 from yun.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from yun.engine.guided import GrammarState
 
 
 class RequestStatus(enum.Enum):
@@ -48,6 +52,8 @@ class Request:
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] = field(default_factory=list)
     first_token_time: float | None = None
+    # Guided decoding: the grammar's state, advanced by the scheduler with each new token.
+    grammar: "GrammarState | None" = None
 
     @property
     def all_token_ids(self) -> list[int]:

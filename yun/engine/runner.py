@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from yun.layers.linear import set_bf16_backend
 from yun.layers.context import AttentionMetadata, ForwardContext, PrefillSeq, forward_context
 from yun.models.loader import load_model, resolve_dtype
 from yun.outputs import PositionLogprobs
+
+if TYPE_CHECKING:
+    from yun.distributed.parallel import TensorParallel
 
 PROMPT_LOGPROB_ROWS = 256  # logits rows per pass when scoring prompts (bounds memory)
 
@@ -63,7 +67,8 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, config: EngineConfig):
+    def __init__(self, model_config: ModelConfig, config: EngineConfig,
+                 tp: "TensorParallel | None" = None):
         self.model_config = model_config
         self.config = config
         self.device = resolve_device(config.device)
@@ -71,6 +76,11 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads or default_threads())
         self.dtype = resolve_dtype(model_config, config.dtype, self.device)
         self.model = load_model(model_config, self.dtype, self.device)
+        self.tp = tp  # tensor parallelism: this rank keeps its shard of every weight
+        if tp is not None:
+            from yun.distributed.tp import shard_model
+
+            shard_model(self.model, tp)
         set_bf16_backend(self._bf16_kernels())
         set_decode_backend(self._decode_kernel())
         self.block_size = config.block_size
@@ -107,6 +117,8 @@ class ModelRunner:
         budget = memory_bytes or default_kv_cache_bytes(self.device)
         per_block = self.kv_bytes_per_token() * self.block_size
         self.num_blocks = budget // per_block
+        if self.tp is not None:  # every rank must hold the same blocks
+            self.num_blocks = self.tp.min_over_ranks(self.num_blocks)
         if self.num_blocks < 1:
             raise ValueError(f"kv_cache_memory={budget} bytes holds no block of "
                              f"{self.block_size} tokens ({per_block} bytes per block)")
@@ -167,12 +179,13 @@ class ModelRunner:
         if sched.is_empty:
             return out
         inp = self.prepare(sched)
-        with forward_context(ForwardContext(inp.attn, self.kv_caches)):
-            hidden = self.model(inp.input_ids, inp.positions)  # [T, E]
         sample_idx = [i for i, s in enumerate(inp.order) if s.samples]
+        rows = torch.tensor([inp.q_starts[i] + inp.order[i].num_new_tokens - 1
+                             for i in sample_idx], device=self.device) if sample_idx else None
+        if self.tp is not None:  # the other ranks run the same forward and logits rows
+            self.tp.send_step(inp, rows)
+        hidden = self.run_model(inp)  # [T, E]
         if sample_idx:
-            rows = torch.tensor([inp.q_starts[i] + inp.order[i].num_new_tokens - 1
-                                 for i in sample_idx], device=self.device)
             logits = self.model.compute_logits(hidden[rows])  # [N, V]
             reqs = [inp.order[i].request for i in sample_idx]
             tokens, lps = self.sampler(logits, [self._sampling_row(r) for r in reqs])
@@ -186,6 +199,12 @@ class ModelRunner:
                 out.prompt_logprobs[s.request.request_id] = lps
         return out
 
+    def run_model(self, inp: StepInputs) -> torch.Tensor:
+        """The forward pass over the flat batch -> hidden states [T, E] (tensor-parallel
+        workers call it too, with the inputs rank 0 sent)."""
+        with forward_context(ForwardContext(inp.attn, self.kv_caches)):
+            return self.model(inp.input_ids, inp.positions)
+
     def _sampling_row(self, req: Request) -> SamplingRow:
         gen = None
         if not req.params.greedy:
@@ -194,7 +213,8 @@ class ModelRunner:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(req.seed)
                 self.generators[req.request_id] = gen
-        return SamplingRow(req.params, gen, req.prompt_token_ids, req.output_token_ids)
+        return SamplingRow(req.params, gen, req.prompt_token_ids, req.output_token_ids,
+                           req.grammar)
 
     def _prompt_logprobs(self, s: ScheduledRequest, hidden: torch.Tensor,
                          q_start: int) -> list[PositionLogprobs | None]:
@@ -216,6 +236,8 @@ class ModelRunner:
         for j0 in range(first, last + 1, PROMPT_LOGPROB_ROWS):
             j1 = min(j0 + PROMPT_LOGPROB_ROWS, last + 1)
             rows = torch.arange(j0 - 1, j1 - 1, device=self.device) - s.start + q_start
+            if self.tp is not None:
+                self.tp.send_logits_rows(rows)
             raw = self.model.compute_logits(hidden[rows]).log_softmax(-1)  # [n, V]
             result.extend(logprobs_for(raw, req.prompt_token_ids[j0:j1], n_top))
         return result

@@ -1,19 +1,24 @@
 """Logits -> next tokens, one batched pass with per-request settings.
 
 Order: raw logprobs (reported as the model's distribution) -> penalties -> min_tokens
-mask -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw with the
-request's own generator (so a seed gives the same tokens whatever shares the batch).
+mask -> grammar mask (guided rows only, yun/engine/guided.py) -> greedy argmax, or
+temperature -> top-k -> top-p -> min-p -> draw with the request's own generator (so a
+seed gives the same tokens whatever shares the batch).
 Shapes: B = requests sampled this step, V = vocabulary.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from yun.outputs import Logprob, PositionLogprobs
 from yun.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from yun.engine.guided import GrammarState
 
 
 @dataclass
@@ -22,6 +27,7 @@ class SamplingRow:
     generator: torch.Generator | None  # None for greedy rows
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    grammar: "GrammarState | None" = None  # guided decoding: the request's matcher
 
 
 def _penalize(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -139,6 +145,10 @@ class Sampler:
         if any(len(r.output_token_ids) < r.params.min_tokens for r in rows):
             logits = logits.clone()
             _mask_early_stop(logits, rows)
+        if any(r.grammar is not None for r in rows):  # guided decoding: in place
+            from yun.engine.guided import apply_grammar_masks
+
+            apply_grammar_masks(logits, rows)
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]

@@ -177,6 +177,8 @@ class Scheduler:
             if token is None:
                 continue
             req.output_token_ids.append(token)
+            if req.grammar is not None:  # guided decoding: advance the grammar
+                req.grammar.accept(token)
             if req.request_id in result.logprobs:
                 req.logprobs.append(result.logprobs[req.request_id])
             changed.append(req)
@@ -188,6 +190,9 @@ class Scheduler:
     @staticmethod
     def _check_stop(req: Request, token: int) -> RequestStatus | None:
         p = req.params
+        if req.grammar is not None and req.grammar.terminated:  # guided: the grammar ended
+            req.stop_reason = token if token in p.stop_token_ids else None
+            return RequestStatus.FINISHED_STOPPED
         if req.num_output_tokens >= p.min_tokens:
             if not p.ignore_eos and token in p._eos_token_ids:
                 req.stop_reason = None

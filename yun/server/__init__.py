@@ -74,7 +74,13 @@ def serve(engine_config: "EngineConfig", settings: ServerSettings) -> None:
 
     if engine_config.model is None:
         print(f"yun: {DEMO_NOTICE}", flush=True)
-    engine = AsyncEngine(engine_config)
+    if settings.replicas > 1 or settings.ray_address:  # N engines on Ray, routed here
+        from yun.distributed.ray_replicas import RayReplicas
+
+        engine = RayReplicas(engine_config, settings.replicas, settings.ray_address,
+                             settings.routing)
+    else:
+        engine = AsyncEngine(engine_config)
     try:
         app = build_app(engine, settings)
         name = model_name(settings, engine_config.model)

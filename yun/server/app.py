@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import yun
-from yun.server.errors import APIError, error_response, install_error_handlers
+from yun.server.errors import APIError, install_error_handlers
 from yun.server.metrics import ServerMetrics
 from yun.server.middleware import ApiKeyAuth, BodyLimit, JsonBodies, RequestCounter
 from yun.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -95,9 +95,13 @@ def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
+        # Serving replicas (yun.distributed.ray_replicas) also report each replica's state.
+        states = engine.replica_states() if hasattr(engine, "replica_states") else None
+        extra = {} if states is None else {"replicas": states}
         if engine.is_alive:
-            return JSONResponse({"status": "ok"})
-        return error_response(APIError(503, "the engine loop is not running"))
+            return JSONResponse({"status": "ok", **extra})
+        err = APIError(503, "no replica is running" if extra else "the engine loop is not running")
+        return JSONResponse({**err.body(), **extra}, status_code=503)
 
     @app.get("/version")
     async def version() -> dict[str, str]:

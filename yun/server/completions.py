@@ -3,6 +3,7 @@
 With `echo` the prompt comes first in the text and, with `logprobs`, in the logprobs:
 one entry per prompt token (the first null), then the generated tokens, as
 lm-evaluation-harness reads them. `echo` with `max_tokens: 0` scores the prompt only.
+`response_format` and `guided_*` constrain the output as in chat (yun/server/structured.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from yun.server.prompts import completion_prompts
 from yun.server.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, Usage,
                                  completion_sampling_params)
 from yun.server.serving import ChoiceState, Job, OpenAIServing, Slot, usage
+from yun.server.structured import guided_from_fields
 from yun.server.streams import SSE_DONE, SSEResponse, sse
 
 log = logging.getLogger("yun.server")
@@ -50,10 +52,13 @@ class Completions:
         arrival = time.perf_counter()
         s = self.serving
         s.check_model(req.model)
-        params = completion_sampling_params(req)
+        guided, guided_param = guided_from_fields(req)
+        params = completion_sampling_params(req, guided)
         prompts = await run_in_threadpool(completion_prompts, self.tokenizer, req)
         for _, ids in prompts:
             s.check_prompt(ids, params, "prompt")
+        if guided is not None:
+            await s.check_guided(guided, guided_param)
         rid = f"cmpl-{uuid.uuid4().hex}"
         jobs = [Job(ids, text, params, rid if len(prompts) == 1 else f"{rid}-{i}")
                 for i, (text, ids) in enumerate(prompts)]

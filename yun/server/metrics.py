@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from yun.engine.async_engine import AsyncEngine
@@ -66,6 +67,8 @@ class ServerMetrics:
             Gauge(name, doc, registry=r).set_function(read)
         info = Gauge("yun_model_info", "The served model.", ["model"], registry=r)
         info.labels(model=model_name).set(1)
+        if hasattr(engine, "replica_states"):  # serving replicas: one series per replica
+            r.register(_ReplicaCollector(engine))
 
     def observe_finished(self, *, prompt_tokens: int, output_tokens: int,
                          finish_reasons: list[str], ttft: float | None, e2e: float) -> None:
@@ -83,3 +86,35 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ReplicaCollector:
+    """Per-replica series, read from `engine.replica_states()` at scrape time."""
+
+    GAUGES = {
+        "healthy": "1 while the replica serves.",
+        "in_flight": "Requests routed to the replica and not finished.",
+        "num_running": "Sequences running in the replica's engine.",
+        "num_waiting": "Sequences waiting in the replica's engine.",
+        "kv_usage": "Fraction of the replica's KV-cache blocks in use.",
+        "prefix_cache_hit_rate": "The replica's prompt tokens found in its prefix cache / "
+                                 "looked up.",
+    }
+    COUNTERS = {"routed": "Requests routed to the replica.",
+                "restarts": "Times Ray restarted the replica."}
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        states = self.engine.replica_states()
+        for key, doc in self.GAUGES.items():
+            family = GaugeMetricFamily(f"yun_replica_{key}", doc, labels=["replica"])
+            for s in states:
+                family.add_metric([str(s["replica"])], float(s[key]))
+            yield family
+        for key, doc in self.COUNTERS.items():
+            family = CounterMetricFamily(f"yun_replica_{key}", doc, labels=["replica"])
+            for s in states:
+                family.add_metric([str(s["replica"])], float(s[key]))
+            yield family

@@ -32,6 +32,8 @@ def message_dict(m: ChatMessage) -> dict[str, Any]:
         content = "\n".join(p.text or "" for p in content)
     d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
                          "content": content or ""}
+    if m.tool_calls and not content:  # as OpenAI sends it (see render_chat)
+        d["content"] = None
     if m.name:
         d["name"] = m.name
     if m.tool_call_id:
@@ -54,19 +56,33 @@ def _parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
 
 def render_chat(tok: PromptTokenizer, messages: list[ChatMessage],
                 add_generation_prompt: bool = True,
-                template_kwargs: dict[str, Any] | None = None) -> Prompt:
-    """The conversation rendered by the model's chat template, and its token ids."""
+                template_kwargs: dict[str, Any] | None = None,
+                tools: list[dict[str, Any]] | None = None) -> Prompt:
+    """The conversation rendered by the model's chat template (with the tools' definitions
+    when given, as the template lays them out), and its token ids."""
     kwargs = dict(template_kwargs or {})
     reserved = sorted(_RESERVED_TEMPLATE_KWARGS & set(kwargs))
     if reserved:
         raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}",
                           "chat_template_kwargs")
+    if tools:
+        kwargs["tools"] = tools
     dicts = [message_dict(m) for m in messages]
     try:
         text = tok.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt,
                                        **kwargs)
     except Exception as e:  # template errors are about the input (roles, content)
-        raise bad_request(f"cannot render the chat template: {e}", "messages") from e
+        if not any(d["content"] is None for d in dicts):
+            raise bad_request(f"cannot render the chat template: {e}", "messages") from e
+        # A tool-calling turn's null content reaches the template as a missing key, which
+        # some templates handle and others (string operations on it) do not: try "".
+        for d in dicts:
+            d["content"] = d["content"] or ""
+        try:
+            text = tok.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt,
+                                           **kwargs)
+        except Exception as e2:
+            raise bad_request(f"cannot render the chat template: {e2}", "messages") from e2
     if not isinstance(text, str):
         raise bad_request("the chat template did not render to text", "messages")
     return text, tok.encode(text, add_special_tokens=False)

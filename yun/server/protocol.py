@@ -1,7 +1,7 @@
 """The OpenAI API's shapes as pydantic models, and request -> SamplingParams.
 
-Requests accept unknown fields (clients send many: `parallel_tool_calls`, `store`,
-`metadata`, ...) and ignore them; known fields are type-checked here and value-checked
+Requests accept unknown fields (clients send many: `store`, `metadata`, ...) and ignore
+them; known fields are type-checked here and value-checked
 by `SamplingParams`, whose ValueError becomes a 400 naming the field.
 """
 
@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_serializer)
 
-from yun.sampling_params import SamplingParams
+from yun.sampling_params import GuidedDecoding, SamplingParams
 from yun.server.errors import APIError, bad_request
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -60,6 +61,35 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
 class SamplingFields(_Request):
     """Fields shared by chat and text completions."""
 
@@ -84,6 +114,12 @@ class SamplingFields(_Request):
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    # Structured output (constrained decoding), see yun/server/structured.py.
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -99,11 +135,13 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Int64 | None = None
     logprobs: bool | None = False
     top_logprobs: Int64 | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
     add_generation_prompt: bool | None = True
     chat_template_kwargs: dict[str, Any] | None = None
+    # Thinking models: reasoning in `reasoning_content` (false: the raw text in content).
+    separate_reasoning: bool | None = True
 
 
 PromptType = str | list[str] | list[TokenId] | list[list[TokenId]]
@@ -141,15 +179,36 @@ class DetokenizeRequest(_Request):
 
 
 # ---- responses -----------------------------------------------------------------------------
+def _without_unset_extras(data: dict[str, Any], optional: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if v is not None or k not in optional}
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    completion_tokens_details: dict[str, int] | None = None  # {"reasoning_tokens": N}
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        return _without_unset_extras(handler(self), ("completion_tokens_details",))
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: dict[str, str]  # {"name", "arguments": JSON text}
 
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        return _without_unset_extras(handler(self), ("reasoning_content", "tool_calls"))
 
 
 class ChatChoice(BaseModel):
@@ -170,7 +229,7 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: dict[str, Any]  # {"role", "content"}: only the keys that changed
+    delta: dict[str, Any]  # role, content, reasoning_content, tool_calls: what is new
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
 
@@ -247,7 +306,8 @@ def _server_limits(req: SamplingFields, logprobs: int | None, logprobs_param: st
 def to_sampling_params(req: SamplingFields, *, max_tokens: int | None,
                        max_tokens_param: str = "max_tokens", logprobs: int | None = None,
                        prompt_logprobs: int | None = None,
-                       logprobs_param: str = "logprobs") -> SamplingParams:
+                       logprobs_param: str = "logprobs",
+                       guided: GuidedDecoding | None = None) -> SamplingParams:
     """The engine's SamplingParams for this request; APIError(400) naming the bad field."""
     temperature = _server_limits(req, logprobs, logprobs_param)
     try:
@@ -270,6 +330,7 @@ def to_sampling_params(req: SamplingFields, *, max_tokens: int | None,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=_first(req.skip_special_tokens, default=True),
+            guided=guided,
         )
     except ValueError as e:  # "<field> must ..., got ...": name the API's field
         field, message = str(e).split(" ", 1)[0], str(e)
@@ -278,7 +339,8 @@ def to_sampling_params(req: SamplingFields, *, max_tokens: int | None,
         raise APIError(400, param + message[len(field):], param=param) from e
 
 
-def chat_sampling_params(req: ChatCompletionRequest) -> SamplingParams:
+def chat_sampling_params(req: ChatCompletionRequest,
+                         guided: GuidedDecoding | None = None) -> SamplingParams:
     if req.max_completion_tokens is not None:
         max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
     else:
@@ -289,10 +351,11 @@ def chat_sampling_params(req: ChatCompletionRequest) -> SamplingParams:
     elif req.top_logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     return to_sampling_params(req, max_tokens=max_tokens, max_tokens_param=param,
-                              logprobs=logprobs, logprobs_param="top_logprobs")
+                              logprobs=logprobs, logprobs_param="top_logprobs", guided=guided)
 
 
-def completion_sampling_params(req: CompletionRequest) -> SamplingParams:
+def completion_sampling_params(req: CompletionRequest,
+                               guided: GuidedDecoding | None = None) -> SamplingParams:
     """`echo` with `logprobs` also scores the prompt; `max_tokens: 0` with `echo` only does
     that (the engine generates one token that the response leaves out)."""
     max_tokens = _first(req.max_tokens, default=16)
@@ -304,19 +367,4 @@ def completion_sampling_params(req: CompletionRequest) -> SamplingParams:
         raise bad_request("suffix is not supported", "suffix")
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     return to_sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs,
-                              prompt_logprobs=prompt_logprobs)
-
-
-def check_chat_features(req: ChatCompletionRequest) -> None:
-    """Tools and structured output come in a later issue: refuse what needs them."""
-    choice = req.tool_choice
-    if req.tools and choice != "none":
-        raise bad_request("tools are not supported yet (send tool_choice: \"none\" or no "
-                          "tools)", "tools")
-    if choice is not None and choice not in ("none", "auto"):
-        raise bad_request("tool_choice is not supported yet (only \"none\" or \"auto\")",
-                          "tool_choice")
-    fmt = req.response_format
-    if fmt is not None and fmt.get("type") != "text":
-        raise bad_request(f"response_format {fmt.get('type')!r} is not supported yet "
-                          "(only {\"type\": \"text\"})", "response_format")
+                              prompt_logprobs=prompt_logprobs, guided=guided)

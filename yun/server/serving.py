@@ -15,8 +15,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from yun.engine.errors import EngineDeadError
 from yun.outputs import RequestOutput
-from yun.sampling_params import SamplingParams
+from yun.sampling_params import GuidedDecoding, SamplingParams
 from yun.server.errors import APIError, bad_request
 from yun.server.metrics import ServerMetrics
 from yun.server.prompts import render_chat
@@ -127,6 +128,14 @@ class OpenAIServing:
                 f"{n + params.max_tokens} tokens, more than the model's context length of "
                 f"{limit} tokens", "max_tokens")
 
+    async def check_guided(self, spec: GuidedDecoding, param: str | None) -> None:
+        """Compile the output constraint now, in a worker thread (a 400 naming the problem
+        if it is invalid), so the engine loop finds it cached and never waits on it."""
+        try:
+            await run_in_threadpool(self.engine.compile_grammar, spec)
+        except ValueError as e:
+            raise bad_request(str(e), param) from e
+
     # ---- generations -------------------------------------------------------------------
     async def generate(self, job: Job, arrival: float) -> AsyncIterator[RequestOutput]:
         """engine.generate with input errors as 400, a stopped engine as 503, and metrics.
@@ -151,8 +160,8 @@ class OpenAIServing:
         except Exception as e:
             if self.draining:
                 raise APIError(503, "the server is shutting down") from e
-            if not self.engine.is_alive:
-                raise APIError(503, str(e)) from e
+            if not self.engine.is_alive or isinstance(e, EngineDeadError):
+                raise APIError(503, str(e)) from e  # e.g. the replica running it died
             raise
         finally:
             self._record(last, job, arrival, first_token)

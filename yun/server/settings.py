@@ -10,7 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from yun.server.reasoning import REASONING_PARSER_CHOICES
+from yun.server.tool_parsers import TOOL_PARSER_CHOICES
+
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+ROUTING_CHOICES = ("prefix", "least-loaded", "round-robin")  # = ray_replicas.ROUTING_POLICIES
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -38,6 +42,27 @@ class ServerSettings:
     log_level: str = _opt("info", "Server log level.", choices=LOG_LEVELS)
     ui: bool = _opt(True, "Serve a small landing page at / with the endpoints and a curl "
                     "line to try.")
+    replicas: int = _opt(
+        1, "Serve with this many full engines (replicas), each in its own Ray actor, behind "
+        "this one HTTP front end; needs Ray (pip install 'yun[ray]'). Without "
+        "--ray-address, yun starts a local Ray cluster on this machine (loopback only).")
+    ray_address: str | None = _opt(
+        None, "Run the replicas on this Ray cluster (`auto` for the one `ray start` made "
+        "on this machine, or HOST:PORT of its head) instead of a local one.")
+    routing: str = _opt(
+        "prefix", "How requests are spread over replicas: prefix (to the replica most "
+        "likely to hold the prompt's first KV blocks in cache, else the least loaded), "
+        "least-loaded, or round-robin.", choices=ROUTING_CHOICES)
+    tool_call_parser: str = _opt(
+        "auto", "How the model writes tool calls: hermes (<tool_call>{json}</tool_call>: "
+        "Qwen2.5, Qwen3, QwQ, Hermes) or deepseek_v3 (DeepSeek's tool tokens, V3 / R1 / "
+        "V3.1); auto picks from the chat template; none turns tool parsing off.",
+        choices=TOOL_PARSER_CHOICES)
+    reasoning_parser: str = _opt(
+        "auto", "How the model marks its reasoning: think (<think>...</think>: DeepSeek-R1 "
+        "and its distills, Qwen3, QwQ; deepseek_r1 and qwen3 are the same); auto turns it "
+        "on when the chat template uses </think>; none returns the raw text.",
+        choices=REASONING_PARSER_CHOICES)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -51,6 +76,16 @@ class ServerSettings:
                 f"shutdown_timeout must be non-negative, got {self.shutdown_timeout}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if self.tool_call_parser not in TOOL_PARSER_CHOICES:
+            raise ValueError(f"tool_call_parser must be one of {TOOL_PARSER_CHOICES}, got "
+                             f"{self.tool_call_parser!r}")
+        if self.reasoning_parser not in REASONING_PARSER_CHOICES:
+            raise ValueError(f"reasoning_parser must be one of {REASONING_PARSER_CHOICES}, "
+                             f"got {self.reasoning_parser!r}")
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be positive, got {self.replicas}")
+        if self.routing not in ROUTING_CHOICES:
+            raise ValueError(f"routing must be one of {ROUTING_CHOICES}, got {self.routing!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must not be empty (leave it unset for no key)")
 
