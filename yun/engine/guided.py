@@ -170,18 +170,17 @@ def _batch_matcher() -> Any:
     return xgr.BatchGrammarMatcher(max_threads="auto")
 
 
-_NEG_INF = torch.tensor(float("-inf"))
-
-
 def _apply_on_cpu(logits: torch.Tensor, bitmask: torch.Tensor, idx: list[int]) -> None:
-    """Unpack the bits with numpy and select with torch.where: ~0.1 ms per row whatever
-    the mask, where xgrammar's CPU kernel takes ~0.7 ms when most tokens are forbidden
-    (every structural position of a JSON answer). Bit t of a row = token t (little-endian)."""
-    words = bitmask[idx].numpy()  # [G, ceil(V / 32)] int32
-    allowed = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")
-    allowed = torch.from_numpy(allowed[:, :logits.shape[1]].view(np.bool_))  # [G, V]
+    """Unpack the bits and write -inf with numpy: ~0.2 ms per row whatever the mask, and
+    single-threaded, so it never waits on a busy core; xgrammar's CPU kernel takes ~0.8 ms
+    when most tokens are forbidden (every structural position of a JSON answer). Bit t of
+    a row is token t (little-endian words)."""
+    words = ~bitmask.numpy()[idx]  # [G, ceil(V / 32)] int32, bits set = forbidden
+    forbidden = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")
+    forbidden = forbidden[:, :logits.shape[1]].view(np.bool_)  # [G, V]
+    x = logits.numpy()  # shares memory with logits
     for j, i in enumerate(idx):
-        torch.where(allowed[j], logits[i], _NEG_INF, out=logits[i])
+        np.copyto(x[i], -np.inf, where=forbidden[j])
 
 
 def apply_grammar_masks(logits: torch.Tensor, rows: "list[SamplingRow]") -> None:
@@ -203,7 +202,7 @@ def apply_grammar_masks(logits: torch.Tensor, rows: "list[SamplingRow]") -> None
     else:  # xgrammar fills the rows in parallel threads, without the GIL
         _batch_matcher().batch_fill_next_token_bitmask(
             [rows[i].grammar.matcher for i in idx], bitmask, indices=idx)
-    if logits.device.type == "cpu":
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
         _apply_on_cpu(logits, bitmask, idx)
     else:
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
