@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, AsyncIterator, Sequence
 
 from yun.config import EngineConfig, ModelConfig
-from yun.engine.async_engine import EngineStats
+from yun.engine.async_engine import EngineStats, next_output
 from yun.engine.errors import EngineDeadError
 from yun.model_source import resolve_model
 from yun.outputs import RequestOutput
@@ -330,11 +330,7 @@ class RayReplicas:
         finished = False
         try:
             while True:
-                item = await queue.get()
-                while not queue.empty() and not isinstance(item, BaseException):
-                    item = queue.get_nowait()  # outputs are cumulative: keep the newest
-                if isinstance(item, BaseException):
-                    raise item
+                item = await next_output(queue)
                 finished = item.finished
                 yield item
                 if finished:

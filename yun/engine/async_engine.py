@@ -51,6 +51,17 @@ class _Abort:
     request_id: str
 
 
+async def next_output(q: "asyncio.Queue[RequestOutput | BaseException]") -> RequestOutput:
+    """The newest output waiting in a request's queue (outputs are cumulative, so older
+    ones can be skipped); an error delivered instead is raised."""
+    item = await q.get()
+    while not q.empty() and not isinstance(item, BaseException):
+        item = q.get_nowait()
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
 class _Sink:
     """Delivers outputs from the engine thread into one request's asyncio queue."""
 
@@ -134,12 +145,7 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                item = await sink.queue.get()
-                while not sink.queue.empty() and not isinstance(item, BaseException):
-                    nxt = sink.queue.get_nowait()  # outputs are cumulative: keep the newest
-                    item = nxt
-                if isinstance(item, BaseException):
-                    raise item
+                item = await next_output(sink.queue)
                 finished = item.finished
                 yield item
                 if finished:
