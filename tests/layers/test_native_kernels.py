@@ -99,3 +99,17 @@ def test_paged_decode_kernel_matches_sdpa_path(dtype, tol, H, KvH, D):
         finally:
             attention.set_decode_backend(None)
     assert (outs[0].float() - outs[1].float()).abs().max().item() <= tol
+
+
+@needs_kernel
+def test_a_stale_build_lock_left_by_a_killed_build_does_not_hang_a_start():
+    import os
+    import subprocess
+    import sys
+
+    path = kernels.build_dir()
+    open(os.path.join(path, "lock"), "w").close()  # what a build killed half-way leaves
+    code = "import sys; from yun import kernels; sys.exit(0 if kernels.native() else 1)"
+    r = subprocess.run([sys.executable, "-c", code], timeout=600)
+    assert r.returncode == 0
+    assert not os.path.exists(os.path.join(path, "lock"))

@@ -9,6 +9,7 @@ problems never stop yun: they are logged once and the fallback (F.linear) is use
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -34,11 +35,39 @@ def cpu_has_avx512() -> bool:
 
 
 def build_dir() -> str:
+    """One build folder per source tree and torch version.
+
+    torch rebuilds an extension whose source paths changed, so two checkouts sharing one
+    folder would rebuild each other's module (and wait on each other's lock).
+    """
     from yun.model_source import cache_dir
 
-    path = os.path.join(cache_dir(), "kernels", f"torch-{torch.__version__}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256(here.encode())
+    for name in _SOURCES:
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    path = os.path.join(cache_dir(), "kernels", f"torch-{torch.__version__}-{h.hexdigest()[:12]}")
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def _load_locked(path: str, **kwargs: object) -> object:
+    """torch's own build lock is a plain file: a build killed half-way leaves it behind,
+    and every later start would wait on it forever. We hold an OS lock (released when a
+    process dies) around the build, so a torch lock found while holding it is stale."""
+    import fcntl
+
+    from torch.utils.cpp_extension import load
+
+    with open(os.path.join(path, "yun.lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            os.remove(os.path.join(path, "lock"))
+            log.warning("yun: removed a stale kernel build lock in %s", path)
+        except FileNotFoundError:
+            pass
+        return load(build_directory=path, **kwargs)
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,12 +76,10 @@ def native() -> object | None:
     if not cpu_has_avx512():
         return None
     try:
-        from torch.utils.cpp_extension import load
-
         here = os.path.dirname(os.path.abspath(__file__))
-        return load(name="yun_cpu_kernels", sources=[os.path.join(here, s) for s in _SOURCES],
-                    extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                    build_directory=build_dir(), verbose=False)
+        return _load_locked(build_dir(), name="yun_cpu_kernels",
+                            sources=[os.path.join(here, s) for s in _SOURCES],
+                            extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, odd platform: use torch's kernels
         log.warning("yun: native CPU kernels unavailable (%s); using torch's", e)
         return None
