@@ -19,7 +19,7 @@ from yun.engine.request import Request, RequestStatus
 from yun.engine.runner import ModelRunner
 from yun.engine.scheduler import Scheduler, SchedulerConfig
 from yun.model_source import resolve_model
-from yun.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from yun.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from yun.sampling_params import SamplingParams
 from yun.tokenizer import Tokenizer
 
@@ -249,10 +249,3 @@ class LLMEngine:
                 if lp.decoded_token is None:
                     lp.decoded_token = self.tokenizer.id_to_token(tok)
         return entries
-
-    # ---- convenience -------------------------------------------------------------------
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt)
-
-
-__all__ = ["LLMEngine", "Logprob"]
