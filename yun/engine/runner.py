@@ -19,6 +19,7 @@ from yun.engine.request import Request
 from yun.engine.sampler import Sampler, SamplingRow, logprobs_for
 from yun.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 from yun.layers.attention import set_decode_backend
+from yun.layers.fused import set_fused_backend
 from yun.layers.linear import set_bf16_backend
 from yun.layers.context import AttentionMetadata, ForwardContext, PrefillSeq, forward_context
 from yun.models.loader import load_model, resolve_dtype
@@ -83,6 +84,7 @@ class ModelRunner:
             shard_model(self.model, tp)
         set_bf16_backend(self._bf16_kernels())
         set_decode_backend(self._decode_kernel())
+        set_fused_backend(self._fused_ops())
         self.block_size = config.block_size
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
@@ -97,6 +99,13 @@ class ModelRunner:
 
         few, many = kernels.bf16_gemv(), kernels.bf16_gemm()
         return None if few is None or many is None else (few, many)
+
+    def _fused_ops(self):
+        if not (self.config.native_kernels and self.device.type == "cpu"):
+            return None
+        from yun import kernels
+
+        return kernels.elementwise()
 
     def _decode_kernel(self):
         if not (self.config.native_kernels and self.device.type == "cpu"):

@@ -19,8 +19,9 @@ import torch
 
 log = logging.getLogger("yun.kernels")
 
-_SOURCES = ("gemv_bf16.cpp", "gemm_bf16.cpp", "paged_attention.cpp")
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]
+_SOURCES = ("gemv_bf16.cpp", "gemm_bf16.cpp", "paged_attention.cpp", "elementwise.cpp")
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp",
+          "-ffp-contract=off"]  # a * b + c stays two roundings, as in torch
 
 
 def cpu_has_avx512() -> bool:
@@ -103,3 +104,8 @@ def bf16_gemm() -> MatmulFn | None:
     """x [M, K] @ w[N, K].T for bf16 w: register-blocked, weights widened once per block."""
     mod = native()
     return None if mod is None else mod.gemm_bf16
+
+
+def elementwise() -> object | None:
+    """The module with fused rms_norm / silu_and_mul / rope_neox_ (see elementwise.cpp)."""
+    return native()

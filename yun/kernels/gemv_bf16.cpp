@@ -8,7 +8,10 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <immintrin.h>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 namespace {
 
@@ -90,17 +93,34 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
               "w must be a contiguous 2-D bfloat16 tensor");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "x must be [M, K] with K = w.size(1)");
   const int64_t M = x.size(0), K = w.size(1), N = w.size(0);
-  auto xf = x.to(at::kFloat).contiguous();
+  // Decode calls this ~100 times per token on a few thousand values: convert x and y
+  // here rather than with torch ops, whose dispatch would cost more than the copies.
+  std::vector<float> xbuf;
+  const float* xp;
+  if (x.scalar_type() == at::kFloat && x.is_contiguous()) {
+    xp = x.data_ptr<float>();
+  } else {
+    auto xc = x.scalar_type() == at::kBFloat16 ? x.contiguous() : x.to(at::kFloat).contiguous();
+    xbuf.resize(M * K);
+    if (xc.scalar_type() == at::kBFloat16) {
+      const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+      for (int64_t i = 0; i < M * K; ++i) xbuf[i] = bf16_to_float(src[i]);
+    } else {
+      std::memcpy(xbuf.data(), xc.data_ptr<float>(), M * K * sizeof(float));
+    }
+    xp = xbuf.data();
+  }
   torch::Tensor bf;
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
     bf = bias->to(at::kFloat).contiguous();
     bp = bf.data_ptr<float>();
   }
-  auto y = torch::empty({M, N}, x.options().dtype(at::kFloat));
+  const bool out_f32 = x.scalar_type() == at::kFloat;
+  auto y = torch::empty({M, N}, x.options().dtype(out_f32 ? at::kFloat : at::kBFloat16));
+  std::vector<float> ybuf(out_f32 ? 0 : M * N);
+  float* yp = out_f32 ? y.data_ptr<float>() : ybuf.data();
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  const float* xp = xf.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
     const int64_t mb = std::min<int64_t>(4, M - m0);
     const float* xs = xp + m0 * K;
@@ -113,7 +133,16 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
       default: run<4>(xs, wp, bp, ys, K, N); break;
     }
   }
-  return y.to(x.scalar_type());
+  if (out_f32) return y;
+  // Round to bfloat16 (ties to even), as y.to(bfloat16) would.
+  auto* dst = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  for (int64_t i = 0; i < M * N; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &ybuf[i], 4);
+    dst[i] = std::isnan(ybuf[i]) ? 0x7FC0 : static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+  }
+  if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16) return y.to(x.scalar_type());
+  return y;
 }
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
@@ -121,10 +150,16 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
                                      torch::Tensor context_lens, double scale);
 
 torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+torch::Tensor silu_and_mul(torch::Tensor x);
+torch::Tensor rope_neox_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_bf16", &gemm_bf16, "x @ w.T for bfloat16 weights, many rows (AVX-512)");
   m.def("gemv_bf16", &gemv_bf16, "skinny x @ w.T for bfloat16 weights (AVX-512)");
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention read straight from the paged KV cache");
+  m.def("rms_norm", &rms_norm, "RMSNorm in one pass (float32/bfloat16)");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over a fused [T, 2I] projection");
+  m.def("rope_neox_", &rope_neox_, "neox rotary embedding, in place");
 }

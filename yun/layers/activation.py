@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from yun.layers import fused
+
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2 * I] holding gate then up -> [T, I]."""
+    if fused.usable(x) and x.dim() == 2:
+        return fused.ops.silu_and_mul(x.contiguous())
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up

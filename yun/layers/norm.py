@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from yun.layers import fused
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -13,6 +15,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.usable(x) and self.weight.dtype == x.dtype:
+            return fused.ops.rms_norm(x.contiguous(), self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from yun.layers import fused
+
 
 def _inv_freq(dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
@@ -74,3 +76,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, dim]; cos/sin: [T, 1, dim]."""
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope`, in place where the native kernel can (x may be a view into a fused
+    projection: it is overwritten); returns the rotated tensor either way."""
+    if (fused.usable(x) and x.dim() == 3 and x.stride(-1) == 1 and cos.dtype == x.dtype
+            and cos.shape[0] == x.shape[0]):
+        return fused.ops.rope_neox_(x, cos.flatten(1).contiguous(), sin.flatten(1).contiguous())
+    return apply_rope(x, cos, sin)

@@ -16,7 +16,7 @@ from yun.layers.attention import paged_attention
 from yun.layers.context import get_forward_context
 from yun.layers.linear import Linear, MergedLinear
 from yun.layers.norm import RMSNorm
-from yun.layers.rotary import RotaryEmbedding, apply_rope, rope_inv_freq
+from yun.layers.rotary import RotaryEmbedding, apply_rope_, rope_inv_freq
 
 
 class Attention(nn.Module):
@@ -41,7 +41,7 @@ class Attention(nn.Module):
         v = v.view(T, self.kvh, self.d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope_(q, cos, sin), apply_rope_(k, cos, sin)  # q, k: views of the QKV output
         cache = get_forward_context().kv_caches[self.layer_idx]
         o = paged_attention(q, k, v, cache, self.scale)  # [T, H, D]
         return self.o_proj(o.reshape(T, self.h * self.d))
