@@ -21,6 +21,7 @@ from yun.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 from yun.layers.attention import set_decode_backend
 from yun.layers.fused import set_fused_backend
 from yun.layers.linear import set_bf16_backend
+from yun.models.huge_pages import place_in_huge_pages
 from yun.layers.context import AttentionMetadata, ForwardContext, PrefillSeq, forward_context
 from yun.models.loader import load_model, resolve_dtype
 from yun.outputs import PositionLogprobs
@@ -82,6 +83,8 @@ class ModelRunner:
             from yun.distributed.tp import shard_model
 
             shard_model(self.model, tp)
+        if self.device.type == "cpu":
+            place_in_huge_pages(self.model)
         set_bf16_backend(self._bf16_kernels())
         set_decode_backend(self._decode_kernel())
         set_fused_backend(self._fused_ops())

@@ -27,14 +27,17 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
-constexpr int64_t kPrefetch = 512;  // elements ahead (1 KiB of bf16)
-
 // Rows [n0, n1) of the output for M rows of x (fp32, row stride K).
+// Weight rows n..n+R-1 are one contiguous block of R*K bf16; while a block is consumed,
+// the next block is prefetched line by line, evenly over the block's iterations. With
+// short rows (K = 896: 28 cache lines) the hardware prefetchers alone leave bandwidth
+// unused (measured: ~16 vs ~18-21 GB/s on the demo model's decode step, 2 threads).
 template <int M>
 void kernel(const float* x, const uint16_t* w, const float* bias, float* y, int64_t K,
             int64_t N, int64_t n0, int64_t n1) {
-  constexpr int R = 4;  // weight rows per pass: 4 independent streams
+  constexpr int R = 4;  // weight rows per pass: 4 independent accumulators per row of x
   const int64_t K16 = K & ~int64_t(15);
+  const int64_t lines = R * K * 2 / 64, iters = std::max<int64_t>(1, K16 / 16);
   int64_t n = n0;
   for (; n + R <= n1; n += R) {
     __m512 acc[M][R];
@@ -42,14 +45,14 @@ void kernel(const float* x, const uint16_t* w, const float* bias, float* y, int6
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
     const uint16_t* wr[R];
     for (int r = 0; r < R; ++r) wr[r] = w + (n + r) * K;
+    // Prefetching past the end of w is harmless (a prefetch never faults).
+    const char* next = reinterpret_cast<const char*>(w + (n + R) * K);
+    int64_t done = 0;
     for (int64_t k = 0; k < K16; k += 16) {
+      for (const int64_t want = (k / 16 + 1) * lines / iters; done < want; ++done)
+        _mm_prefetch(next + done * 64, _MM_HINT_T0);
       __m512 wv[R];
-      for (int r = 0; r < R; ++r) {
-        // Keep many cache lines in flight: the hardware prefetcher alone leaves
-        // bandwidth unused with only R streams per core.
-        if ((k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + kPrefetch), _MM_HINT_T0);
-        wv[r] = widen(wr[r] + k);
-      }
+      for (int r = 0; r < R; ++r) wv[r] = widen(wr[r] + k);
       for (int m = 0; m < M; ++m) {
         __m512 xv = _mm512_loadu_ps(x + m * K + k);
         for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
