@@ -159,7 +159,8 @@ def _run_peers(path: str, workload: Workload, args: argparse.Namespace, config,
         elif peer == "llama.cpp":
             opts = baselines.LlamaCppOptions(
                 binary=args.llama_server, gguf=args.gguf,
-                threads=args.llama_threads or threads, parallel=args.llama_parallel,
+                threads=args.llama_threads or threads,
+                parallel=args.llama_parallel or (1 if workload.name == "single" else 16),
                 log_path=args.llama_log)
             out += baselines.run_llama_cpp(opts, workload, args.temperature,
                                            args.sampling_seed, progress=args.progress)
@@ -315,8 +316,9 @@ def _add_throughput_parser(sub: argparse._SubParsersAction) -> None:
                    help="llama.cpp's llama-server binary, for --compare llama.cpp.")
     g.add_argument("--gguf", default=None, metavar="PATH",
                    help="The same checkpoint as a GGUF file, for --compare llama.cpp.")
-    g.add_argument("--llama-parallel", type=int, default=16,
-                   help="llama-server -np: slots decoding at once (default: %(default)s).")
+    g.add_argument("--llama-parallel", type=int, default=None,
+                   help="llama-server -np: slots decoding at once (default: 1 for the single "
+                        "workload, where more slots only slow it down, else 16).")
     g.add_argument("--llama-threads", type=int, default=None,
                    help="llama-server -t (default: yun's thread count).")
     g.add_argument("--llama-log", default=None, metavar="PATH",
