@@ -1,7 +1,7 @@
 """Results as a table on stdout, a JSON file and a PNG plot (matplotlib, Agg backend).
 
-Plots: throughput vs concurrency with the ceiling line for a sweep; CDFs of TTFT and
-E2E otherwise. Ratios are yun's number over each peer's, in one run (>1: yun is better;
+Plots: throughput vs concurrency with the ceiling line for a sweep; otherwise tokens/s
+per system against the ceiling and a latency CDF (TTFT, or inter-token for one request). Ratios are yun's number over each peer's, in one run (>1: yun is better;
 for latencies the peer's over yun's, so >1 still means yun is better).
 """
 
@@ -190,7 +190,8 @@ def output_stem(output_dir: str, command: str, workload: str) -> str:
 
 # ---- plots ---------------------------------------------------------------------------------
 def plot(results: list[RunResult], path: str, title: str, sweep: bool) -> str:
-    """Throughput (and TPOT) vs concurrency for a sweep, TTFT and E2E CDFs otherwise."""
+    """Throughput (and TPOT) vs concurrency for a sweep; otherwise tokens/s per system
+    beside the ceiling, and a latency CDF."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,16 +240,37 @@ def _plot_sweep(axes, results: list[RunResult]) -> None:
 
 
 def _plot_cdfs(axes, results: list[RunResult]) -> None:
-    for ax, key, label in ((axes[0], "ttft", "TTFT (s)"), (axes[1], "e2e", "E2E latency (s)")):
-        for r in results:
-            values = sorted(getattr(x, key) for x in r.completed if getattr(x, key) is not None)
-            if not values:
-                continue
-            fractions = [(i + 1) / len(values) for i in range(len(values))]
-            ax.step(values, fractions, where="post", label=r.system)
-        ax.set_xlabel(label)
-        ax.set_ylabel("fraction of requests")
-        ax.set_ylim(0, 1.02)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        ax.set_title(f"{label.split(' (')[0]} CDF")
+    """Left: output tokens/s per system against the roofline ceiling. Right: the TTFT
+    CDF, or for a single request (one TTFT) the inter-token latency CDF."""
+    bars, cdf = axes
+    names = [r.system for r in results]
+    speeds = [r.extra.get("decode_tokens_per_s") or r.output_tokens_per_s for r in results]
+    bars.bar(names, speeds, color=[f"C{i}" for i in range(len(results))])
+    for i, v in enumerate(speeds):
+        bars.annotate(f"{v:.1f}", (i, v), ha="center", va="bottom", fontsize=9)
+    single = all(len(r.completed) <= 1 for r in results)
+    key = "decode_ceiling_tokens_per_s" if single else "ceiling_tokens_per_s"
+    ceiling = next((r.extra[key] for r in results if key in r.extra), None)
+    if ceiling:
+        bars.axhline(ceiling, color="k", linestyle="--", label=f"ceiling {ceiling:.1f}")
+        bars.legend(fontsize=8)
+    bars.set_ylabel("decode tokens/s" if single else "output tokens/s")
+    bars.set_title("throughput (higher is better)")
+    bars.grid(True, axis="y", alpha=0.3)
+    key, label = ("itls", "inter-token latency (ms)") if single else ("ttft", "TTFT (s)")
+    for r in results:
+        if key == "itls":
+            values = sorted(v * 1e3 for x in r.completed for v in x.itls)
+        else:
+            values = sorted(x.ttft for x in r.completed if x.ttft is not None)
+        if not values:
+            continue
+        fractions = [(i + 1) / len(values) for i in range(len(values))]
+        cdf.step(values, fractions, where="post", label=r.system,
+                 marker="o" if len(values) < 8 else None)
+    cdf.set_xlabel(label)
+    cdf.set_ylabel("fraction")
+    cdf.set_ylim(0, 1.02)
+    cdf.grid(True, alpha=0.3)
+    cdf.legend(fontsize=8)
+    cdf.set_title(f"{label.split(' (')[0]} CDF")
