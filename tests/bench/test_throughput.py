@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from yun.bench.metrics import RunResult
 from yun.bench.workloads import WorkloadOptions, make_workload
 from yun.cli import main
 
@@ -99,6 +100,13 @@ def test_single_reports_decode_speed_against_the_batch_1_ceiling(tmp_path, capsy
         s["decode_tokens_per_s"] / s["decode_ceiling_tokens_per_s"])
     _within(s["decode_fraction_of_ceiling"], err)
     _check_ceilings(run, data["roofline"], err)
+    # The JSON holds everything: the run comes back whole, and `yun bench plot` redraws it.
+    assert RunResult.from_json(run).summary() == s
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(data), encoding="utf-8")
+    assert main(["bench", "plot", str(saved)]) == 0
+    with open(tmp_path / "saved.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sweep_runs_each_concurrency_level(tmp_path, capsys, qwen2_path):

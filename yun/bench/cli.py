@@ -287,6 +287,34 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_throughput_parser(sub)
     _add_serve_parser(sub)
     _add_roofline_parser(sub)
+    _add_plot_parser(sub)
+
+
+def _add_plot_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plot", help="Draw the PNG of a results JSON again (e.g. after a style change).",
+        description="Read a results file written by `yun bench throughput` or `yun bench "
+                    "serve` and draw its plot next to it (same name, .png) or to --output.")
+    p.add_argument("results", metavar="RESULTS.json", help="A results file of yun bench.")
+    p.add_argument("--output", default=None, metavar="PNG",
+                   help="Where to write the plot (default: beside the JSON, .png).")
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    import json
+
+    from yun.bench import report
+
+    with open(args.results, encoding="utf-8") as f:
+        payload = json.load(f)
+    results = [RunResult.from_json(r) for r in payload["runs"]]
+    workload = payload["workload"]
+    sweep = bool(workload.get("levels"))
+    out = args.output or os.path.splitext(args.results)[0] + ".png"
+    title = f"yun bench {payload['command']}: {workload['name']}"
+    print(f"plot: {report.plot(results, out, title, sweep)}")
+    return 0
 
 
 def _add_throughput_parser(sub: argparse._SubParsersAction) -> None:

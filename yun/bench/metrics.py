@@ -98,6 +98,18 @@ class RunResult:
     def to_json(self) -> dict[str, Any]:
         return {"summary": self.summary(), "requests": [asdict(r) for r in self.records]}
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RunResult":
+        """The inverse of `to_json` (a results file's `runs` entries)."""
+        s = data["summary"]
+        records = [RequestRecord(**r) for r in data["requests"]]
+        base = cls(system=s["system"], workload=s["workload"], duration=s["duration_s"],
+                   records=records, concurrency=s.get("concurrency"),
+                   request_rate=s.get("request_rate"))
+        derived = set(base.summary())
+        base.extra = {k: v for k, v in s.items() if k not in derived}
+        return base
+
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
     """{"mean", "p50", "p90", "p99"}; None for each when there is nothing to summarise."""

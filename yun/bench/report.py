@@ -245,7 +245,10 @@ def _plot_cdfs(axes, results: list[RunResult]) -> None:
     bars, cdf = axes
     names = [r.system for r in results]
     speeds = [r.extra.get("decode_tokens_per_s") or r.output_tokens_per_s for r in results]
-    bars.bar(names, speeds, color=[f"C{i}" for i in range(len(results))])
+    labels = [n.replace(" (", "\n(", 1) for n in names]  # long peer names on two lines
+    bars.bar(range(len(names)), speeds, color=[f"C{i}" for i in range(len(results))],
+             tick_label=labels)
+    bars.tick_params(axis="x", labelsize=8)
     for i, v in enumerate(speeds):
         bars.annotate(f"{v:.1f}", (i, v), ha="center", va="bottom", fontsize=9)
     single = all(len(r.completed) <= 1 for r in results)
