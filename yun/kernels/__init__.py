@@ -45,7 +45,7 @@ def build_dir() -> str:
 
     here = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha256(here.encode())
-    for name in _SOURCES:
+    for name in (*_SOURCES, "bf16.h"):
         with open(os.path.join(here, name), "rb") as f:
             h.update(f.read())
     path = os.path.join(cache_dir(), "kernels", f"torch-{torch.__version__}-{h.hexdigest()[:12]}")

@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <immintrin.h>
+
+#include "bf16.h"
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -21,17 +23,8 @@ constexpr int MR = 6;         // rows of x per micro-kernel
 constexpr int NR = 64;        // weight rows per panel (4 vectors of 16 floats)
 constexpr int64_t KC = 256;   // k per packed panel: 256 x 64 fp32 = 64 KiB (L2)
 
-inline __m512 widen16(const uint16_t* p) {
-  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+using yun::bf16_to_float;
+using yun::widen16;
 
 // In-register transpose of a 16 x 16 fp32 block: r[i] holds row i before, column i after.
 inline void transpose16(__m512 r[16]) {

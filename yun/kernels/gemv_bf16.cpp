@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <immintrin.h>
+
+#include "bf16.h"
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -15,17 +17,8 @@
 
 namespace {
 
-inline __m512 widen(const uint16_t* p) {
-  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+using yun::bf16_to_float;
+using yun::widen16;
 
 // Rows [n0, n1) of the output for M rows of x (fp32, row stride K).
 // Weight rows n..n+R-1 are one contiguous block of R*K bf16; while a block is consumed,
@@ -52,7 +45,7 @@ void kernel(const float* x, const uint16_t* w, const float* bias, float* y, int6
       for (const int64_t want = (k / 16 + 1) * lines / iters; done < want; ++done)
         _mm_prefetch(next + done * 64, _MM_HINT_T0);
       __m512 wv[R];
-      for (int r = 0; r < R; ++r) wv[r] = widen(wr[r] + k);
+      for (int r = 0; r < R; ++r) wv[r] = widen16(wr[r] + k);
       for (int m = 0; m < M; ++m) {
         __m512 xv = _mm512_loadu_ps(x + m * K + k);
         for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
@@ -70,7 +63,7 @@ void kernel(const float* x, const uint16_t* w, const float* bias, float* y, int6
     for (int m = 0; m < M; ++m) {
       __m512 acc = _mm512_setzero_ps();
       for (int64_t k = 0; k < K16; k += 16)
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), widen(wr + k), acc);
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), widen16(wr + k), acc);
       float s = _mm512_reduce_add_ps(acc);
       for (int64_t k = K16; k < K; ++k) s += x[m * K + k] * bf16_to_float(wr[k]);
       y[m * N + n] = s + (bias ? bias[n] : 0.f);
