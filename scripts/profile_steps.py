@@ -1,0 +1,79 @@
+"""Where a workload's time goes, by kernel: wall-clock timers around the matmuls (split by
+rows per call), attention, the vocabulary head and the whole step, over a run of a
+`yun bench` workload through the offline engine. Native kernels are opaque to
+torch.profiler (they are not dispatcher ops), hence plain timers.
+
+    .venv/bin/python scripts/profile_steps.py --workload mixed --num-requests 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+from yun import LLM, SamplingParams
+from yun.bench.workloads import WorkloadOptions, make_workload
+import yun.layers.attention as attention
+import yun.layers.linear as linear
+import yun.models.llama as llama
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workload", default="mixed")
+    ap.add_argument("--num-requests", type=int, default=None)
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args()
+
+    llm = LLM(dtype=args.dtype)
+    workload = make_workload(args.workload, WorkloadOptions(num_requests=args.num_requests,
+                                                            scale=args.scale))
+    seconds: dict[str, float] = collections.defaultdict(float)
+    calls: collections.Counter[str] = collections.Counter()
+
+    def timed(name, fn):
+        def run(*a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            seconds[name] += time.perf_counter() - t
+            calls[name] += 1
+            return out
+        return run
+
+    kernels = linear._bf16_kernels
+    if kernels is None:
+        raise SystemExit("native bf16 kernels are not in use (dtype, CPU or build)")
+    few, many = kernels
+
+    def matmul(x, w, b):
+        rows = x.shape[0]
+        kind = "gemv (<= 4 rows)" if rows <= linear.SKINNY_MAX_ROWS else (
+            "gemm 5-64 rows" if rows <= 64 else "gemm > 64 rows")
+        if w.shape[0] > 100_000:
+            kind = "vocabulary head, " + kind
+        return timed(kind, few if rows <= linear.SKINNY_MAX_ROWS else many)(x, w, b)
+
+    linear._bf16_kernels = (matmul, matmul)
+    llama.paged_attention = timed("attention", attention.paged_attention)
+    runner = llm.engine.runner
+    runner.execute = timed("step (model + head + sampling)", runner.execute)
+    for _, requests in workload.phases():
+        for i, r in enumerate(requests):
+            llm.engine.add_request(f"p{i}", r.prompt_token_ids, SamplingParams(
+                max_tokens=r.max_tokens, ignore_eos=True, temperature=0.0))
+    t0 = time.perf_counter()
+    steps = 0
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+        steps += 1
+    total = time.perf_counter() - t0
+    print(f"{workload.name}: {total:.1f} s, {steps} steps")
+    for name in sorted(seconds, key=seconds.get, reverse=True):
+        print(f"  {name:34s} {seconds[name]:8.2f} s  {100 * seconds[name] / total:5.1f}%"
+              f"  {calls[name]:6d} calls")
+
+
+if __name__ == "__main__":
+    main()
