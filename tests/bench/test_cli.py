@@ -17,7 +17,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_every_bench_flag_has_help():
     bench = _subparsers(build_parser())["bench"]
     commands = _subparsers(bench)
-    assert set(commands) == {"throughput", "serve", "roofline"}
+    assert set(commands) == {"throughput", "serve", "roofline", "plot"}
     for name, p in commands.items():
         for action in p._actions:
             if action.option_strings and action.dest != "help":
