@@ -21,8 +21,8 @@ from yun.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 from yun.layers.attention import set_decode_backend
 from yun.layers.fused import set_fused_backend
 from yun.layers.linear import set_bf16_backend
-from yun.models.huge_pages import place_in_huge_pages
 from yun.layers.context import AttentionMetadata, ForwardContext, PrefillSeq, forward_context
+from yun.models.huge_pages import place_in_huge_pages
 from yun.models.loader import load_model, resolve_dtype
 from yun.outputs import PositionLogprobs
 
