@@ -50,6 +50,17 @@ class ToolCallDelta:
 Event = Union[str, ToolCallDelta]  # content text, or a piece of a call
 
 
+def emit_arguments(out: list[ToolCallDelta], index: int, args: str, sent: int) -> int:
+    """Stream the part of a call's arguments `args` not sent yet (`sent` characters were):
+    onto the delta this step already opened, or as a new one. Returns the new `sent`."""
+    if len(args) > sent:
+        if out:
+            out[-1].arguments = args[sent:]
+        else:
+            out.append(ToolCallDelta(index, arguments=args[sent:]))
+    return max(sent, len(args))
+
+
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -198,12 +209,7 @@ class JsonCall:
         if self.name is None:
             return out
         args = self.arguments(final)
-        if len(args) > self.sent:
-            if out:
-                out[-1].arguments = args[self.sent:]
-            else:
-                out.append(ToolCallDelta(self.index, arguments=args[self.sent:]))
-            self.sent = len(args)
+        self.sent = emit_arguments(out, self.index, args, self.sent)
         return out
 
 
@@ -379,12 +385,8 @@ class DeepSeekV3ToolParser(ToolParser):
         if self.name is None and name is not None:
             self.name = name
             out.append(ToolCallDelta(self.num_calls, new_call_id(), name))
-        if self.name is not None and len(args) > self.sent:
-            if out:
-                out[-1].arguments = args[self.sent:]
-            else:
-                out.append(ToolCallDelta(self.num_calls, arguments=args[self.sent:]))
-            self.sent = len(args)
+        if self.name is not None:
+            self.sent = emit_arguments(out, self.num_calls, args, self.sent)
         return out
 
 
