@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+
+import httpx
 import torch
 
 from yun.engine.engine import LLMEngine
@@ -70,3 +73,21 @@ def assert_greedy_matches(llm, ref, num_tokens: int) -> None:
                          min_new_tokens=num_tokens, do_sample=False)
     assert out.outputs[0].token_ids == g[0, len(prompt):].tolist()
     assert out.outputs[0].finish_reason == "length"
+
+
+def stream_in_thread(url: str, body: dict) -> tuple[threading.Thread, list[str], threading.Event]:
+    """POST a streaming request from a started background thread. Returns the thread, the
+    list its SSE `data:` payloads are appended to, and an event set at the first one."""
+    events: list[str] = []
+    started = threading.Event()
+
+    def run() -> None:
+        with httpx.stream("POST", url, json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    started.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, events, started

@@ -14,9 +14,9 @@ import signal
 import threading
 import time
 
-import httpx
 import pytest
 
+from tests.helpers import stream_in_thread
 from tests.server.conftest import LiveServer
 from yun import LLM
 from yun.config import EngineConfig
@@ -175,21 +175,9 @@ def test_streaming_passes_through_and_a_disconnect_aborts_on_the_replica(replica
 
 def test_a_killed_replica_fails_its_stream_is_restarted_and_the_service_keeps_answering(
         replicas):
-    events: list[str] = []
-    started = threading.Event()
-
-    def stream() -> None:
-        body = {"model": "tiny", "prompt": prompt(7, 7), "max_tokens": 400, "stream": True,
-                "ignore_eos": True}
-        with httpx.stream("POST", replicas.url + "/v1/completions", json=body,
-                          timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    started.set()
-
-    t = threading.Thread(target=stream)
-    t.start()
+    body = {"model": "tiny", "prompt": prompt(7, 7), "max_tokens": 400, "stream": True,
+            "ignore_eos": True}
+    t, events, started = stream_in_thread(replicas.url + "/v1/completions", body)
     assert started.wait(30)
     victim = next(s for s in states(replicas) if s["in_flight"])
     os.kill(victim["pid"], signal.SIGKILL)

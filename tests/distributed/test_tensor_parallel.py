@@ -14,14 +14,13 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 
-import httpx
 import pytest
 import torch
 
 from tests.conftest import build_checkpoint
+from tests.helpers import stream_in_thread
 from tests.models.test_moe_mla import ARCHS as MOE_ARCHS
 from tests.models.test_moe_mla import adjust_checkpoint
 from tests.server.conftest import LiveServer
@@ -110,21 +109,9 @@ class TestServedByTwoRanks:
 
     def test_killed_worker_fails_the_open_stream_and_health(self, tp_server):
         """Kept last: it kills the class's TP worker."""
-        events: list[str] = []
-        first = threading.Event()
-
-        def stream() -> None:
-            body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 400, "stream": True,
-                    "temperature": 0, "ignore_eos": True}
-            with httpx.stream("POST", tp_server.url + "/v1/completions", json=body,
-                              timeout=60) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        first.set()
-
-        t = threading.Thread(target=stream)
-        t.start()
+        body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 400, "stream": True,
+                "temperature": 0, "ignore_eos": True}
+        t, events, first = stream_in_thread(tp_server.url + "/v1/completions", body)
         assert first.wait(30)
         worker = tp_server.engine.engine.tp.workers[0]
         os.kill(worker.pid, signal.SIGKILL)
