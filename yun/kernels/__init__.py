@@ -109,3 +109,37 @@ def bf16_gemm() -> MatmulFn | None:
 def elementwise() -> object | None:
     """The module with fused rms_norm / silu_and_mul / rope_neox_ (see elementwise.cpp)."""
     return native()
+
+
+_QUANT_FILES = ("quant.cpp", "quant.h", "quant_avx512.h", "quant_avx2.h")
+# No -m flags: each code path carries its own target pragma (the build folder is shared
+# by sessions whose CPUs differ). -ffp-contract=off: a * b + c stays two roundings.
+_QUANT_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
+
+
+def quant_build_dir() -> str:
+    """The quantized-matmul extension's build folder: per source tree, sources and torch."""
+    from yun.model_source import cache_dir
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256(here.encode())
+    for name in _QUANT_FILES:
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    path = os.path.join(cache_dir(), "kernels",
+                        f"quant-torch-{torch.__version__}-{h.hexdigest()[:12]}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def quant() -> object | None:
+    """The quantized matmul extension (`matmul`, `isas`), or None where it cannot be had."""
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return _load_locked(quant_build_dir(), name="yun_quant_kernels",
+                            sources=[os.path.join(here, "quant.cpp")],
+                            extra_cflags=_QUANT_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, no ninja, odd platform: dequantize + F.linear
+        log.warning("yun: native quantized kernels unavailable (%s); using torch", e)
+        return None

@@ -1,0 +1,470 @@
+// Matmuls against GGUF-quantized weights, read as stored: y = x @ W.T (+ bias) for
+// W [N, K] in Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K or Q6_K.
+//
+// The activation is quantized once per call to int8 blocks of 32 (one float scale each,
+// plus block sums), and every weight chunk is dotted against it with integer products
+// (see quant.h). Decode reads each weight once per token, so it is bound by bandwidth; the
+// integer form reads 4-8x fewer bytes than fp32 and does the arithmetic in int8.
+//
+// One module, several code paths chosen at run time: each path is compiled under its own
+// target pragma (no global -m flags, so the module loads on any x86-64 and builds on
+// aarch64), and `isas()` lists those this CPU can run, best first:
+//   avx512-vnni  AVX-512 F/BW/VL + VNNI (vpdpbusd)      e.g. Zen 4, Ice Lake and later
+//   avx512       AVX-512 F/BW/VL, vpmaddubsw            e.g. Skylake-X
+//   avx2-vnni    AVX2 + AVX-VNNI (256-bit vpdpbusd)    e.g. Alder Lake, Zen 5
+//   avx2         AVX2 + FMA + F16C                      e.g. Zen 2/3, Haswell
+//   scalar       portable C++                           anything, aarch64 included
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "quant.h"
+
+using namespace yunq;
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")
+#define YQ_NS avx512vnni
+#define YQ_VNNI 1
+#include "quant_avx512.h"
+#undef YQ_NS
+#undef YQ_VNNI
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c,bmi2")
+#define YQ_NS avx512
+#define YQ_VNNI 0
+#include "quant_avx512.h"
+#undef YQ_NS
+#undef YQ_VNNI
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,avxvnni,fma,f16c")
+#define YQ_NS avx2vnni
+#define YQ_VNNI 1
+#include "quant_avx2.h"
+#undef YQ_NS
+#undef YQ_VNNI
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define YQ_NS avx2
+#define YQ_VNNI 0
+#include "quant_avx2.h"
+#undef YQ_NS
+#undef YQ_VNNI
+#pragma GCC pop_options
+#endif
+
+namespace scalar {
+
+// A chunk as integers v (unsigned, or signed for Q8_0) and per-group W = a * v + c.
+template <int QT> void decode(const uint8_t* p, int16_t* v, float* a, float* c);
+
+template <> void decode<Q4_0>(const uint8_t* p, int16_t* v, float* a, float* c) {
+  for (int b = 0; b < 8; ++b, p += 18) {
+    a[b] = half_to_float(ld16(p));
+    c[b] = -8.f * a[b];
+    for (int i = 0; i < 16; ++i) v[32 * b + i] = p[2 + i] & 15, v[32 * b + 16 + i] = p[2 + i] >> 4;
+  }
+}
+
+template <> void decode<Q4_1>(const uint8_t* p, int16_t* v, float* a, float* c) {
+  for (int b = 0; b < 8; ++b, p += 20) {
+    a[b] = half_to_float(ld16(p));
+    c[b] = half_to_float(ld16(p + 2));
+    for (int i = 0; i < 16; ++i) v[32 * b + i] = p[4 + i] & 15, v[32 * b + 16 + i] = p[4 + i] >> 4;
+  }
+}
+
+template <> void decode<Q5_0>(const uint8_t* p, int16_t* v, float* a, float* c) {
+  for (int b = 0; b < 8; ++b, p += 22) {
+    a[b] = half_to_float(ld16(p));
+    c[b] = -16.f * a[b];
+    const uint32_t qh = ld32(p + 2);
+    for (int i = 0; i < 16; ++i) {
+      v[32 * b + i] = (p[6 + i] & 15) | (((qh >> i) & 1) << 4);
+      v[32 * b + 16 + i] = (p[6 + i] >> 4) | (((qh >> (16 + i)) & 1) << 4);
+    }
+  }
+}
+
+template <> void decode<Q5_1>(const uint8_t* p, int16_t* v, float* a, float* c) {
+  for (int b = 0; b < 8; ++b, p += 24) {
+    a[b] = half_to_float(ld16(p));
+    c[b] = half_to_float(ld16(p + 2));
+    const uint32_t qh = ld32(p + 4);
+    for (int i = 0; i < 16; ++i) {
+      v[32 * b + i] = (p[8 + i] & 15) | (((qh >> i) & 1) << 4);
+      v[32 * b + 16 + i] = (p[8 + i] >> 4) | (((qh >> (16 + i)) & 1) << 4);
+    }
+  }
+}
+
+template <> void decode<Q8_0>(const uint8_t* p, int16_t* v, float* a, float* c) {
+  for (int b = 0; b < 8; ++b, p += 34) {
+    a[b] = half_to_float(ld16(p));
+    c[b] = 0.f;
+    for (int i = 0; i < 32; ++i) v[32 * b + i] = static_cast<int8_t>(p[2 + i]);
+  }
+}
+
+void k4_affine(const uint8_t* p, float* a, float* c) {
+  uint8_t sc[8], mn[8];
+  unpack_k4_scales(p + 4, sc, mn);
+  const float d = half_to_float(ld16(p)), dmin = half_to_float(ld16(p + 2));
+  for (int g = 0; g < 8; ++g) a[g] = d * sc[g], c[g] = -dmin * mn[g];
+}
+
+template <> void decode<Q4_K>(const uint8_t* p, int16_t* v, float* a, float* c) {
+  k4_affine(p, a, c);
+  for (int j = 0; j < 4; ++j)
+    for (int l = 0; l < 32; ++l) {
+      const uint8_t q = p[16 + 32 * j + l];
+      v[64 * j + l] = q & 15, v[64 * j + 32 + l] = q >> 4;
+    }
+}
+
+template <> void decode<Q5_K>(const uint8_t* p, int16_t* v, float* a, float* c) {
+  k4_affine(p, a, c);
+  const uint8_t* qh = p + 16;
+  for (int j = 0; j < 4; ++j)
+    for (int l = 0; l < 32; ++l) {
+      const uint8_t q = p[48 + 32 * j + l];
+      v[64 * j + l] = (q & 15) | (((qh[l] >> (2 * j)) & 1) << 4);
+      v[64 * j + 32 + l] = (q >> 4) | (((qh[l] >> (2 * j + 1)) & 1) << 4);
+    }
+}
+
+template <> void decode<Q6_K>(const uint8_t* p, int16_t* v, float* a, float* c) {
+  const float d = half_to_float(ld16(p + 208));
+  for (int g = 0; g < 16; ++g) a[g] = d * static_cast<int8_t>(p[192 + g]), c[g] = -32.f * a[g];
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* ql = p + 64 * h;
+    const uint8_t* qh = p + 128 + 32 * h;
+    int16_t* o = v + 128 * h;
+    for (int l = 0; l < 32; ++l) {
+      o[l] = (ql[l] & 15) | ((qh[l] & 3) << 4);
+      o[32 + l] = (ql[32 + l] & 15) | (((qh[l] >> 2) & 3) << 4);
+      o[64 + l] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+      o[96 + l] = (ql[32 + l] >> 4) | (((qh[l] >> 6) & 3) << 4);
+    }
+  }
+}
+
+template <> void decode<Q3_K>(const uint8_t* p, int16_t* v, float* a, float* c) {
+  int8_t sc[16];
+  unpack_q3k_scales(p + 96, sc);
+  const float d = half_to_float(ld16(p + 108));
+  for (int g = 0; g < 16; ++g) a[g] = d * sc[g], c[g] = -4.f * a[g];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j)
+      for (int l = 0; l < 32; ++l)
+        v[128 * i + 32 * j + l] = ((p[32 + 32 * i + l] >> (2 * j)) & 3) | (((p[l] >> (4 * i + j)) & 1) << 2);
+}
+
+template <> void decode<Q2_K>(const uint8_t* p, int16_t* v, float* a, float* c) {
+  const float d = half_to_float(ld16(p + 80)), dmin = half_to_float(ld16(p + 82));
+  for (int g = 0; g < 16; ++g) a[g] = d * (p[g] & 15), c[g] = -dmin * (p[g] >> 4);
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j)
+      for (int l = 0; l < 32; ++l) v[128 * i + 32 * j + l] = (p[16 + 32 * i + l] >> (2 * j)) & 3;
+}
+
+template <int QT>
+struct Kern {
+  static constexpr int kMaxRows = 4;
+  static constexpr int NG = Format<QT>::groups, GS = kChunk / NG;
+
+  template <int MB>
+  static void rows(const Job& j, int64_t n, int64_t m0) {
+    constexpr int CB = chunk_bytes<QT>();
+    const int64_t kp = j.x.kp, gpr = kp / GS;
+    const float* dg = (NG == 8 ? j.x.d32 : j.x.d16) + m0 * gpr;
+    const float* sg = (NG == 8 ? j.x.s32 : j.x.s16) + m0 * gpr;
+    const uint8_t* w = j.w + n * j.row_bytes;
+    float acc[MB] = {};
+    uint8_t tail[CB];
+    int16_t v[kChunk];
+    float a[NG], c[NG];
+    for (int64_t ch = 0; ch < j.chunks; ++ch) {
+      const uint8_t* p = w + ch * CB;
+      if (j.tail_bytes && ch == j.chunks - 1) {
+        std::memset(tail, 0, CB);
+        std::memcpy(tail, p, j.tail_bytes);
+        p = tail;
+      }
+      decode<QT>(p, v, a, c);
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* x = j.x.q + (m0 + m) * kp + ch * kChunk;
+        for (int g = 0; g < NG; ++g) {
+          int32_t dot = 0;
+          for (int i = 0; i < GS; ++i) dot += v[GS * g + i] * x[GS * g + i];
+          const int64_t gi = m * gpr + ch * NG + g;
+          acc[m] += a[g] * dg[gi] * static_cast<float>(dot) + c[g] * sg[gi];
+        }
+      }
+    }
+    const float b = j.bias ? j.bias[n] : 0.f;
+    for (int m = 0; m < MB; ++m) j.y[(m0 + m) * j.ldy + n] = acc[m] + b;
+  }
+
+  static void row(int mb, const Job& j, int64_t n, int64_t m0) {
+    switch (mb) {
+      case 1: rows<1>(j, n, m0); break;
+      case 2: rows<2>(j, n, m0); break;
+      default: rows<4>(j, n, m0); break;
+    }
+  }
+};
+
+void run(const Job& j, int qtype, int64_t n0, int64_t n1) {
+  switch (qtype) {
+    case Q4_0: drive<Kern<Q4_0>>(j, n0, n1); break;
+    case Q4_1: drive<Kern<Q4_1>>(j, n0, n1); break;
+    case Q5_0: drive<Kern<Q5_0>>(j, n0, n1); break;
+    case Q5_1: drive<Kern<Q5_1>>(j, n0, n1); break;
+    case Q8_0: drive<Kern<Q8_0>>(j, n0, n1); break;
+    case Q2_K: drive<Kern<Q2_K>>(j, n0, n1); break;
+    case Q3_K: drive<Kern<Q3_K>>(j, n0, n1); break;
+    case Q4_K: drive<Kern<Q4_K>>(j, n0, n1); break;
+    case Q5_K: drive<Kern<Q5_K>>(j, n0, n1); break;
+    case Q6_K: drive<Kern<Q6_K>>(j, n0, n1); break;
+  }
+}
+
+}  // namespace scalar
+
+namespace {
+
+using RunFn = void (*)(const Job&, int, int64_t, int64_t);
+
+struct Path {
+  const char* name;
+  RunFn run;
+  bool (*runnable)();
+};
+
+#if defined(__x86_64__)
+bool has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+bool has_avx512() {
+  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+}
+bool has_avx512_vnni() { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
+bool has_avx2_vnni() { return has_avx2() && __builtin_cpu_supports("avxvnni"); }
+#endif
+bool always() { return true; }
+
+// Best first.
+const Path kPaths[] = {
+#if defined(__x86_64__)
+    {"avx512-vnni", avx512vnni::run, has_avx512_vnni},
+    {"avx512", avx512::run, has_avx512},
+    {"avx2-vnni", avx2vnni::run, has_avx2_vnni},
+    {"avx2", avx2::run, has_avx2},
+#endif
+    {"scalar", scalar::run, always},
+};
+
+const Path& find_path(const std::string& isa) {
+  for (const Path& p : kPaths)
+    if (isa == p.name) {
+      TORCH_CHECK(p.runnable(), "quantized matmul path '", isa, "' cannot run on this CPU");
+      return p;
+    }
+  TORCH_CHECK(false, "unknown quantized matmul path '", isa, "'");
+}
+
+struct Format_ { int block, bytes; };
+
+Format_ format_of(int64_t qtype) {
+  switch (qtype) {
+    case Q4_0: return {32, 18};
+    case Q4_1: return {32, 20};
+    case Q5_0: return {32, 22};
+    case Q5_1: return {32, 24};
+    case Q8_0: return {32, 34};
+    case Q2_K: return {256, 84};
+    case Q3_K: return {256, 110};
+    case Q4_K: return {256, 144};
+    case Q5_K: return {256, 176};
+    case Q6_K: return {256, 210};
+  }
+  TORCH_CHECK(false, "quantized type ", qtype, " has no native kernel");
+}
+
+// Owns the quantized activation (see Act in quant.h).
+struct ActBuf {
+  std::vector<int8_t> q;
+  std::vector<float> d32, d16, s32, s16;
+  Act view(int64_t kp) const { return {q.data(), d32.data(), d16.data(), s32.data(), s16.data(), kp}; }
+};
+
+inline float round_half_even(float v) {  // exact for |v| < 2^22; |v| <= 127 here
+  return (v + 12582912.f) - 12582912.f;
+}
+
+// One row: K values of x (already float) -> q, d, sums; zeros from K to kp.
+void quantize_row(const float* x, int64_t K, int64_t kp, int8_t* q, float* d32, float* d16,
+                  float* s32, float* s16) {
+  for (int64_t b = 0; b < kp / 32; ++b) {
+    int8_t* qb = q + 32 * b;
+    if (32 * b >= K) {
+      std::memset(qb, 0, 32);
+      d32[b] = s32[b] = d16[2 * b] = d16[2 * b + 1] = s16[2 * b] = s16[2 * b + 1] = 0.f;
+      continue;
+    }
+    const float* xb = x + 32 * b;
+    float amax = 0.f, probe = 0.f;  // probe: nan if any x is inf or nan
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i])), probe += xb[i] * 0.f;
+    const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+    int s0 = 0, s1 = 0;
+    for (int i = 0; i < 32; ++i) {
+      const float r = std::min(127.f, std::max(-127.f, round_half_even(xb[i] * id)));
+      const int v = static_cast<int>(r);
+      qb[i] = static_cast<int8_t>(v);
+      (i < 16 ? s0 : s1) += v;
+    }
+    const float dd = probe == 0.f ? d : std::numeric_limits<float>::quiet_NaN();
+    d32[b] = d16[2 * b] = d16[2 * b + 1] = dd;
+    s16[2 * b] = dd * s0;
+    s16[2 * b + 1] = dd * s1;
+    s32[b] = dd * (s0 + s1);
+  }
+}
+
+ActBuf quantize_activation(const torch::Tensor& x, int64_t K, int64_t kp) {
+  const int64_t M = x.size(0);
+  ActBuf a;
+  a.q.resize(M * kp);
+  a.d32.resize(M * kp / 32);
+  a.s32.resize(M * kp / 32);
+  a.d16.resize(M * kp / 16);
+  a.s16.resize(M * kp / 16);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  torch::Tensor xc = bf16 || x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
+  const auto* xb = bf16 ? reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) : nullptr;
+  const float* xf = bf16 ? nullptr : xc.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(bf16 ? K : 0);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* src = xf ? xf + r * K : row.data();
+      if (bf16)
+        for (int64_t i = 0; i < K; ++i) {
+          const uint32_t u = static_cast<uint32_t>(xb[r * K + i]) << 16;
+          std::memcpy(&row[i], &u, 4);
+        }
+      quantize_row(src, K, kp, a.q.data() + r * kp, a.d32.data() + r * kp / 32,
+                   a.d16.data() + r * kp / 16, a.s32.data() + r * kp / 32, a.s16.data() + r * kp / 16);
+    }
+  });
+  return a;
+}
+
+int64_t padded(int64_t K) { return (K + kChunk - 1) / kChunk * kChunk; }
+
+void check_inputs(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, int64_t K) {
+  const Format_ f = format_of(qtype);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(),
+              "w must be a contiguous 2-D uint8 CPU tensor [N, row_bytes]");
+  TORCH_CHECK(K > 0 && K % f.block == 0, "K=", K, " is not a multiple of the block size ", f.block);
+  TORCH_CHECK(w.size(1) == K / f.block * f.bytes, "K=", K, " needs ", K / f.block * f.bytes,
+              " bytes per row, w has ", w.size(1));
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.device().is_cpu(), "x must be a CPU tensor [M, K]");
+}
+
+// Out as y's dtype: bf16 rounds to nearest even, as .to(torch.bfloat16) does.
+void store_output(const std::vector<float>& buf, torch::Tensor& y) {
+  auto* dst = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  for (size_t i = 0; i < buf.size(); ++i) {
+    uint32_t u;
+    std::memcpy(&u, &buf[i], 4);
+    dst[i] = std::isnan(buf[i]) ? 0x7FC0 : static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+  }
+}
+
+}  // namespace
+
+// x [M, K] (float32 or bfloat16) @ W.T + bias, W [N, row_bytes] quantized -> [M, N] in x's
+// dtype (other float dtypes: computed in float32, returned as float32).
+torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K,
+                     c10::optional<torch::Tensor> bias, const std::string& isa) {
+  check_inputs(x, w, qtype, K);
+  const Path& path = find_path(isa);
+  const Format_ f = format_of(qtype);
+  const int64_t M = x.size(0), N = w.size(0), kp = padded(K);
+  const ActBuf act = quantize_activation(x, K, kp);
+  torch::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "bias must have N=", N, " values");
+    bf = bias->to(at::kFloat).contiguous();
+  }
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  torch::Tensor y = torch::empty({M, N}, x.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  std::vector<float> ybuf(bf16 ? M * N : 0);
+  const int64_t blocks_per_chunk = kChunk / f.block, nblocks = K / f.block;
+  Job j;
+  j.w = w.data_ptr<uint8_t>();
+  j.row_bytes = w.size(1);
+  j.chunks = (nblocks + blocks_per_chunk - 1) / blocks_per_chunk;
+  j.tail_bytes = nblocks % blocks_per_chunk * f.bytes;
+  j.x = act.view(kp);
+  j.rows = M;
+  j.y = bf16 ? ybuf.data() : y.data_ptr<float>();
+  j.ldy = N;
+  j.bias = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  // Decode: small tiles spread the rows evenly over threads. Many rows: larger tiles, so
+  // the activation (re-read once per tile) is read fewer times.
+  j.n_tile = M <= 8 ? 16 : 64;
+  const int64_t tiles = (N + j.n_tile - 1) / j.n_tile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    path.run(j, static_cast<int>(qtype), t0 * j.n_tile, std::min(N, t1 * j.n_tile));
+  });
+  if (bf16) store_output(ybuf, y);
+  return y;
+}
+
+std::vector<std::string> isas() {
+  std::vector<std::string> out;
+  for (const Path& p : kPaths)
+    if (p.runnable()) out.emplace_back(p.name);
+  return out;
+}
+
+// For tests: the activation as the kernels see it, q [M, kp] int8 and d [M, kp / 32].
+std::vector<torch::Tensor> quantize_activation_for_test(torch::Tensor x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && K % 32 == 0, "x must be [M, K], K a multiple of 32");
+  const int64_t M = x.size(0), kp = padded(K);
+  const ActBuf a = quantize_activation(x, K, kp);
+  torch::Tensor q = torch::empty({M, kp}, torch::kInt8), d = torch::empty({M, kp / 32}, torch::kFloat);
+  std::memcpy(q.data_ptr<int8_t>(), a.q.data(), a.q.size());
+  std::memcpy(d.data_ptr<float>(), a.d32.data(), a.d32.size() * sizeof(float));
+  return {q, d};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("matmul", &matmul, "x @ W.T (+ bias) for a GGUF-quantized W [N, row_bytes]",
+        py::arg("x"), py::arg("w"), py::arg("qtype"), py::arg("k"), py::arg("bias"), py::arg("isa"));
+  m.def("isas", &isas, "the code paths this CPU runs, best first");
+  m.def("quantize_activation", &quantize_activation_for_test,
+        "x [M, K] -> (q int8 [M, Kp], d float32 [M, Kp / 32]) as the kernels quantize it");
+}

@@ -1,0 +1,133 @@
+// Portable pieces of the quantized matmul kernels (quant.cpp and its per-ISA bodies
+// quant_avx512.h, quant_avx2.h): ggml's block layouts, half floats, the packed 6-bit scales
+// of the K-quants, and the job description every code path runs.
+//
+// Every path computes the same thing:
+//   y[m, n] = sum_k W[n, k] * xhat[m, k] + bias[n]
+// where xhat is x quantized to int8 blocks of 32 with one float scale each (the activation
+// is quantized once per call, not per weight row). Weights are read in chunks of 256
+// values (one K-quant super-block, or 8 blocks of 32) and split, per group of 16 or 32
+// values that share a scale, into unsigned integers u and an affine map:
+//   W = a * u + c        (a, c: float per group)
+// so a group's contribution is  a * dx * sum(u * q)  +  c * dx * sum(q),
+// one integer dot product (the hot loop) plus a term from the activation's block sums.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace yunq {
+
+// gguf.GGMLQuantizationType values.
+enum QType : int {
+  Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
+  Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
+};
+
+constexpr int kChunk = 256;  // weights per chunk, on every path
+
+// block: values per block; bytes: bytes per block; groups: scale groups per chunk (8 groups
+// of 32 values or 16 of 16).
+template <int QT> struct Format;
+template <> struct Format<Q4_0> { static constexpr int block = 32, bytes = 18, groups = 8; };
+template <> struct Format<Q4_1> { static constexpr int block = 32, bytes = 20, groups = 8; };
+template <> struct Format<Q5_0> { static constexpr int block = 32, bytes = 22, groups = 8; };
+template <> struct Format<Q5_1> { static constexpr int block = 32, bytes = 24, groups = 8; };
+template <> struct Format<Q8_0> { static constexpr int block = 32, bytes = 34, groups = 8; };
+template <> struct Format<Q2_K> { static constexpr int block = 256, bytes = 84, groups = 16; };
+template <> struct Format<Q3_K> { static constexpr int block = 256, bytes = 110, groups = 16; };
+template <> struct Format<Q4_K> { static constexpr int block = 256, bytes = 144, groups = 8; };
+template <> struct Format<Q5_K> { static constexpr int block = 256, bytes = 176, groups = 8; };
+template <> struct Format<Q6_K> { static constexpr int block = 256, bytes = 210, groups = 16; };
+
+template <int QT>
+constexpr int chunk_bytes() { return Format<QT>::bytes * (kChunk / Format<QT>::block); }
+
+inline uint16_t ld16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+inline uint32_t ld32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
+
+// IEEE half -> float, exact (every half is a float).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  const uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  uint32_t bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);  // inf, nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else {
+    float f = static_cast<float>(man) * 5.9604644775390625e-8f;  // man * 2^-24 (subnormal)
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+  }
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+// Q4_K / Q5_K: 12 bytes hold 8 six-bit scales and 8 six-bit mins. Bytes 0-3 and 4-7 carry
+// the low 6 bits of scales 0-3 and mins 0-3 (their top 2 bits are the high bits of scales
+// and mins 4-7); bytes 8-11 carry the low 4 bits of scales 4-7 (low nibble) and mins 4-7.
+// Done on 32-bit words, four bytes at a time (little-endian).
+inline void unpack_k4_scales(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
+  const uint32_t w0 = ld32(s), w1 = ld32(s + 4), w2 = ld32(s + 8);
+  const uint32_t sc_lo = w0 & 0x3F3F3F3Fu, mn_lo = w1 & 0x3F3F3F3Fu;
+  const uint32_t sc_hi = (w2 & 0x0F0F0F0Fu) | ((w0 >> 2) & 0x30303030u);
+  const uint32_t mn_hi = ((w2 >> 4) & 0x0F0F0F0Fu) | ((w1 >> 2) & 0x30303030u);
+  std::memcpy(sc, &sc_lo, 4);
+  std::memcpy(sc + 4, &sc_hi, 4);
+  std::memcpy(mn, &mn_lo, 4);
+  std::memcpy(mn + 4, &mn_hi, 4);
+}
+
+// Q3_K: 12 bytes hold 16 six-bit scales, stored offset by 32. Scale t takes its low 4 bits
+// from byte t (t < 8, low nibble) or byte t - 8 (high nibble), and its top 2 bits from
+// byte 8 + t % 4, bits 2 * (t / 4).
+inline void unpack_q3k_scales(const uint8_t* s, int8_t* sc) {
+  for (int t = 0; t < 16; ++t) {
+    const int low = t < 8 ? (s[t] & 15) : (s[t - 8] >> 4);
+    const int high = (s[8 + (t & 3)] >> (2 * (t >> 2))) & 3;
+    sc[t] = static_cast<int8_t>((low | (high << 4)) - 32);
+  }
+}
+
+// x, quantized once per call. Each row is padded with zeros to kp (a whole number of
+// chunks), so a chunk never reads past its row.
+struct Act {
+  const int8_t* q;   // [M, kp]      q = round(x / d)
+  const float* d32;  // [M, kp / 32] d = max|x| / 127 over each block of 32 values
+  const float* d16;  // [M, kp / 16] the same d, once per 16 values
+  const float* s32;  // [M, kp / 32] d * sum(q) over each block of 32
+  const float* s16;  // [M, kp / 16] d * sum(q) over each 16
+  int64_t kp;
+};
+
+struct Job {
+  const uint8_t* w;    // [N, row_bytes]
+  int64_t row_bytes;
+  int64_t chunks;      // chunks per row (the last may be partial: blocks of 32 only)
+  int64_t tail_bytes;  // bytes of that partial last chunk, 0 when it is whole
+  Act x;
+  int64_t rows;        // M
+  float* y;            // [M, ldy]
+  int64_t ldy;
+  const float* bias;   // [N] or null
+  int64_t n_tile;      // weight rows per tile: a tile stays in cache while every block of
+                       // rows of x goes over it
+};
+
+// Rows [n0, n1) of y. Kern::row<MB>(job, n, m0) computes y[m0 .. m0+MB, n]. Kern is one
+// (ISA, type) pair; this loop is shared by every path.
+template <class Kern>
+void drive(const Job& j, int64_t n0, int64_t n1) {
+  for (int64_t t0 = n0; t0 < n1; t0 += j.n_tile) {
+    const int64_t t1 = t0 + j.n_tile < n1 ? t0 + j.n_tile : n1;
+    for (int64_t m0 = 0; m0 < j.rows;) {
+      const int64_t left = j.rows - m0;
+      const int mb = left >= Kern::kMaxRows ? Kern::kMaxRows : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      for (int64_t n = t0; n < t1; ++n) Kern::row(mb, j, n, m0);
+      m0 += mb;
+    }
+  }
+}
+
+}  // namespace yunq

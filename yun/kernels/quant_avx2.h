@@ -1,0 +1,272 @@
+// AVX2 bodies of the quantized matmul (see quant.h for what every path computes).
+// quant.cpp includes this file twice, each time under its own target pragma and namespace:
+// YQ_VNNI 1 uses AVX-VNNI's vpdpbusd on 256-bit vectors; YQ_VNNI 0 vpmaddubsw + vpmaddwd
+// (same lanes; unsigned weights below 64 times |q| <= 127 never saturate int16 pairs).
+// No include guard on purpose.
+//
+// A chunk (256 weights) is 8 vectors of 32 bytes, decoded one at a time (16 registers do
+// not hold a whole chunk and several rows' accumulators). i32 lane L of a 32-byte dot
+// sums values 4L..4L+3: the vector is one group of 32, or groups 2s, 2s+1 of 16.
+
+namespace YQ_NS {
+
+using namespace yunq;
+
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline __m128i load128(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+inline float half(const uint8_t* p) { return _cvtsh_ss(ld16(p)); }
+
+inline __m256 halves8(const uint8_t* p, int stride) {
+  return _mm256_cvtph_ps(_mm_setr_epi16(
+      static_cast<short>(ld16(p)), static_cast<short>(ld16(p + stride)),
+      static_cast<short>(ld16(p + 2 * stride)), static_cast<short>(ld16(p + 3 * stride)),
+      static_cast<short>(ld16(p + 4 * stride)), static_cast<short>(ld16(p + 5 * stride)),
+      static_cast<short>(ld16(p + 6 * stride)), static_cast<short>(ld16(p + 7 * stride))));
+}
+
+inline __m256 u8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+inline __m256 i8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+
+// One block of 32 4-bit values (16 bytes: value i low nibble, 16 + i high) -> 32 bytes.
+inline __m256i nibbles_block(const uint8_t* q) {
+  const __m128i v = load128(q);
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
+}
+
+// Byte i = v where bit i of `bits` is set, else 0.
+inline __m256i bits_to_bytes(uint32_t bits, char v) {
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                       2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(v));
+}
+
+// Byte i = v where bit b of h[i] is set, else 0.
+inline __m256i bit_to_bytes(__m256i h, int b, char v) {
+  const __m256i bit = _mm256_set1_epi8(static_cast<char>(1 << b));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit), bit), _mm256_set1_epi8(v));
+}
+
+inline __m256i shift_mask(__m256i v, int shift, char mask) {
+  return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift)), _mm256_set1_epi8(mask));
+}
+
+// Per type: scales(p, a, c) fills the affine map of the chunk's groups (NG / 8 vectors);
+// vec(p, s) decodes vector s (values 32s .. 32s + 31) as bytes.
+template <int QT> struct Dec;
+
+template <> struct Dec<Q4_0> {
+  static void scales(const uint8_t* p, __m256* a, __m256* c) {
+    a[0] = halves8(p, 18);
+    c[0] = _mm256_mul_ps(a[0], _mm256_set1_ps(-8.f));
+  }
+  static __m256i vec(const uint8_t* p, int s) { return nibbles_block(p + 18 * s + 2); }
+};
+
+template <> struct Dec<Q4_1> {
+  static void scales(const uint8_t* p, __m256* a, __m256* c) {
+    a[0] = halves8(p, 20);
+    c[0] = halves8(p + 2, 20);
+  }
+  static __m256i vec(const uint8_t* p, int s) { return nibbles_block(p + 20 * s + 4); }
+};
+
+template <> struct Dec<Q5_0> {
+  static void scales(const uint8_t* p, __m256* a, __m256* c) {
+    a[0] = halves8(p, 22);
+    c[0] = _mm256_mul_ps(a[0], _mm256_set1_ps(-16.f));
+  }
+  static __m256i vec(const uint8_t* p, int s) {
+    const uint8_t* b = p + 22 * s;
+    return _mm256_or_si256(nibbles_block(b + 6), bits_to_bytes(ld32(b + 2), 16));
+  }
+};
+
+template <> struct Dec<Q5_1> {
+  static void scales(const uint8_t* p, __m256* a, __m256* c) {
+    a[0] = halves8(p, 24);
+    c[0] = halves8(p + 2, 24);
+  }
+  static __m256i vec(const uint8_t* p, int s) {
+    const uint8_t* b = p + 24 * s;
+    return _mm256_or_si256(nibbles_block(b + 8), bits_to_bytes(ld32(b + 4), 16));
+  }
+};
+
+template <> struct Dec<Q8_0> {  // signed weights: the kernel takes |w| and moves the sign to x
+  static void scales(const uint8_t* p, __m256* a, __m256* c) {
+    a[0] = halves8(p, 34);
+    c[0] = _mm256_setzero_ps();
+  }
+  static __m256i vec(const uint8_t* p, int s) { return load256(p + 34 * s + 2); }
+};
+
+inline void k4_scales(const uint8_t* p, __m256* a, __m256* c) {
+  uint8_t sc[8], mn[8];
+  unpack_k4_scales(p + 4, sc, mn);
+  a[0] = _mm256_mul_ps(_mm256_set1_ps(half(p)), u8x8_to_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc))));
+  c[0] = _mm256_mul_ps(_mm256_set1_ps(-half(p + 2)), u8x8_to_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn))));
+}
+
+template <> struct Dec<Q4_K> {
+  static void scales(const uint8_t* p, __m256* a, __m256* c) { k4_scales(p, a, c); }
+  static __m256i vec(const uint8_t* p, int s) {  // 32 bytes: low nibbles, then high ones
+    return shift_mask(load256(p + 16 + 32 * (s >> 1)), 4 * (s & 1), 0x0F);
+  }
+};
+
+template <> struct Dec<Q5_K> {
+  static void scales(const uint8_t* p, __m256* a, __m256* c) { k4_scales(p, a, c); }
+  static __m256i vec(const uint8_t* p, int s) {
+    const __m256i lo = shift_mask(load256(p + 48 + 32 * (s >> 1)), 4 * (s & 1), 0x0F);
+    return _mm256_or_si256(lo, bit_to_bytes(load256(p + 16), s, 16));
+  }
+};
+
+template <> struct Dec<Q6_K> {
+  static void scales(const uint8_t* p, __m256* a, __m256* c) {
+    const __m256 d = _mm256_set1_ps(half(p + 208));
+    const __m128i sc = load128(p + 192);
+    a[0] = _mm256_mul_ps(d, i8x8_to_ps(sc));
+    a[1] = _mm256_mul_ps(d, i8x8_to_ps(_mm_unpackhi_epi64(sc, sc)));
+    c[0] = _mm256_mul_ps(a[0], _mm256_set1_ps(-32.f));
+    c[1] = _mm256_mul_ps(a[1], _mm256_set1_ps(-32.f));
+  }
+  // Half h (128 values): vector r takes low (r < 2) or high nibbles of 32 bytes of ql, and
+  // bits 2r, 2r + 1 of 32 bytes of qh.
+  static __m256i vec(const uint8_t* p, int s) {
+    const int h = s >> 2, r = s & 3;
+    const __m256i lo = shift_mask(load256(p + 64 * h + 32 * (r & 1)), 4 * (r >> 1), 0x0F);
+    const __m256i hi = shift_mask(load256(p + 128 + 32 * h), 2 * r, 3);
+    return _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+  }
+};
+
+template <> struct Dec<Q3_K> {
+  static void scales(const uint8_t* p, __m256* a, __m256* c) {
+    alignas(16) int8_t sc[16];
+    unpack_q3k_scales(p + 96, sc);
+    const __m256 d = _mm256_set1_ps(half(p + 108));
+    const __m128i v = load128(sc);
+    a[0] = _mm256_mul_ps(d, i8x8_to_ps(v));
+    a[1] = _mm256_mul_ps(d, i8x8_to_ps(_mm_unpackhi_epi64(v, v)));
+    c[0] = _mm256_mul_ps(a[0], _mm256_set1_ps(-4.f));
+    c[1] = _mm256_mul_ps(a[1], _mm256_set1_ps(-4.f));
+  }
+  static __m256i vec(const uint8_t* p, int s) {  // u = 2 low bits + 4 * high bit
+    const __m256i lo = shift_mask(load256(p + 32 + 32 * (s >> 2)), 2 * (s & 3), 3);
+    return _mm256_or_si256(lo, bit_to_bytes(load256(p), s, 4));
+  }
+};
+
+template <> struct Dec<Q2_K> {
+  static void scales(const uint8_t* p, __m256* a, __m256* c) {
+    const __m128i sc = load128(p);
+    const __m128i lo = _mm_and_si128(sc, _mm_set1_epi8(0x0F));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(0x0F));
+    const __m256 d = _mm256_set1_ps(half(p + 80)), dmin = _mm256_set1_ps(-half(p + 82));
+    a[0] = _mm256_mul_ps(d, u8x8_to_ps(lo));
+    a[1] = _mm256_mul_ps(d, u8x8_to_ps(_mm_unpackhi_epi64(lo, lo)));
+    c[0] = _mm256_mul_ps(dmin, u8x8_to_ps(hi));
+    c[1] = _mm256_mul_ps(dmin, u8x8_to_ps(_mm_unpackhi_epi64(hi, hi)));
+  }
+  static __m256i vec(const uint8_t* p, int s) {
+    return shift_mask(load256(p + 16 + 32 * (s >> 2)), 2 * (s & 3), 3);
+  }
+};
+
+inline __m256i dot(__m256i u, __m256i x) {
+#if YQ_VNNI
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, x);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
+#endif
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int QT>
+struct Kern {
+  static constexpr int kMaxRows = 4;
+  static constexpr int NG = Format<QT>::groups;
+
+  template <int MB>
+  static void rows(const Job& j, int64_t n, int64_t m0) {
+    constexpr int CB = chunk_bytes<QT>(), NV = NG / 8;
+    const int64_t kp = j.x.kp, gpr = kp / (256 / NG);
+    const float* dg = (NG == 8 ? j.x.d32 : j.x.d16) + m0 * gpr;
+    const float* sg = (NG == 8 ? j.x.s32 : j.x.s16) + m0 * gpr;
+    const int8_t* xq = j.x.q + m0 * kp;
+    const uint8_t* w = j.w + n * j.row_bytes;
+    // Groups 2s, 2s + 1 of 16 (within a vector of 8 scales) over lanes 0-3, 4-7.
+    const __m256i pairs[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                              _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
+    __m256 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    alignas(32) uint8_t tail[CB];
+    alignas(32) float sc[MB][NG];
+    for (int64_t ch = 0; ch < j.chunks; ++ch) {
+      const uint8_t* p = w + ch * CB;
+      if (j.tail_bytes && ch == j.chunks - 1) {
+        std::memset(tail, 0, CB);
+        std::memcpy(tail, p, j.tail_bytes);
+        p = tail;
+      }
+      __m256 a[NV], c[NV];
+      Dec<QT>::scales(p, a, c);
+      for (int m = 0; m < MB; ++m)
+        for (int v = 0; v < NV; ++v) {
+          const int64_t g = m * gpr + ch * NG + 8 * v;
+          _mm256_store_ps(sc[m] + 8 * v, _mm256_mul_ps(a[v], _mm256_loadu_ps(dg + g)));
+          acc[m] = _mm256_fmadd_ps(c[v], _mm256_loadu_ps(sg + g), acc[m]);
+        }
+#pragma GCC unroll 8
+      for (int s = 0; s < 8; ++s) {
+        __m256i u = Dec<QT>::vec(p, s);
+        const __m256i sign = u;
+        if (QT == Q8_0) u = _mm256_abs_epi8(u);
+        for (int m = 0; m < MB; ++m) {
+          __m256i x = load256(xq + m * kp + ch * kChunk + 32 * s);
+          if (QT == Q8_0) x = _mm256_sign_epi8(x, sign);
+          const __m256 f = NG == 8 ? _mm256_broadcast_ss(sc[m] + s)
+                                   : _mm256_permutevar8x32_ps(_mm256_load_ps(sc[m] + 8 * (s >> 2)), pairs[s & 3]);
+          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(u, x)), f, acc[m]);
+        }
+      }
+    }
+    const float b = j.bias ? j.bias[n] : 0.f;
+    for (int m = 0; m < MB; ++m) j.y[(m0 + m) * j.ldy + n] = hsum(acc[m]) + b;
+  }
+
+  static void row(int mb, const Job& j, int64_t n, int64_t m0) {
+    switch (mb) {
+      case 1: rows<1>(j, n, m0); break;
+      case 2: rows<2>(j, n, m0); break;
+      default: rows<4>(j, n, m0); break;
+    }
+  }
+};
+
+void run(const Job& j, int qtype, int64_t n0, int64_t n1) {
+  switch (qtype) {
+    case Q4_0: drive<Kern<Q4_0>>(j, n0, n1); break;
+    case Q4_1: drive<Kern<Q4_1>>(j, n0, n1); break;
+    case Q5_0: drive<Kern<Q5_0>>(j, n0, n1); break;
+    case Q5_1: drive<Kern<Q5_1>>(j, n0, n1); break;
+    case Q8_0: drive<Kern<Q8_0>>(j, n0, n1); break;
+    case Q2_K: drive<Kern<Q2_K>>(j, n0, n1); break;
+    case Q3_K: drive<Kern<Q3_K>>(j, n0, n1); break;
+    case Q4_K: drive<Kern<Q4_K>>(j, n0, n1); break;
+    case Q5_K: drive<Kern<Q5_K>>(j, n0, n1); break;
+    case Q6_K: drive<Kern<Q6_K>>(j, n0, n1); break;
+  }
+}
+
+}  // namespace YQ_NS
