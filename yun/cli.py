@@ -117,8 +117,9 @@ def _stream(engine, token_ids: list[int], params, prompt: str | None,
 def _load_engine(args: argparse.Namespace):
     from yun.demo import DEMO_NOTICE
     from yun.engine.engine import LLMEngine
+    from yun.model_source import DEMO_RANDOM
 
-    if args.model is None:
+    if args.model == DEMO_RANDOM:
         print(f"yun: {DEMO_NOTICE}", file=sys.stderr, flush=True)
     return LLMEngine(engine_config_from(args))
 
@@ -206,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve a model over the OpenAI API (/v1/chat/completions, "
                                    "/v1/completions, /v1/models, /metrics ...).")
     p.add_argument("model", nargs="?", default=None,
-                   help="Model folder or hub id (default: the embedded demo model).")
+                   help="GGUF file, model folder or hub id (default: SmolLM2-135M-Instruct; "
+                        "'demo-random' for the random-weight benchmark checkpoint).")
     add_dataclass_flags(p, EngineConfig, skip={"model"})
     from yun.server.settings import ServerSettings
 

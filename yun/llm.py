@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from yun.config import EngineConfig
 from yun.demo import DEMO_NOTICE
 from yun.engine.engine import LLMEngine
+from yun.model_source import DEMO_RANDOM
 from yun.outputs import RequestOutput
 from yun.sampling_params import SamplingParams
 
@@ -19,7 +20,8 @@ PromptType = str | dict[str, Any]
 class LLM:
     """Load a model once, then generate for batches of prompts.
 
-    `model=None` uses the embedded demo model (random weights, meaningless text).
+    `model` is a GGUF file, an HF folder or hub id; None uses the default model
+    (SmolLM2-135M-Instruct), "demo-random" a random-weight Qwen2.5-0.5B-shaped checkpoint.
     Any `EngineConfig` field can be passed as a keyword argument.
     """
 
@@ -34,7 +36,7 @@ class LLM:
         self.config = EngineConfig(model=model, dtype=dtype, max_model_len=max_model_len,
                                    block_size=block_size, kv_cache_memory=kv_cache_memory,
                                    max_num_seqs=max_num_seqs, device=device, seed=seed, **kwargs)
-        if model is None:
+        if model == DEMO_RANDOM:
             print(f"yun: {DEMO_NOTICE}", flush=True)
         self.engine = LLMEngine(self.config)
 

@@ -20,6 +20,37 @@ class Tokenizer:
         self._fast = backend  # tokenizers.Tokenizer: decode without Python overhead
 
     @classmethod
+    def load(cls, path: str) -> "Tokenizer":
+        """From an HF folder or a GGUF file."""
+        return cls.from_gguf(path) if os.path.isfile(path) else cls.from_folder(path)
+
+    @classmethod
+    def from_gguf(cls, path: str) -> "Tokenizer":
+        """The tokenizer in a GGUF file's metadata (`tokenizer.ggml.*`, chat template),
+        built by transformers' GGUF converters. Building it takes seconds for a large
+        vocabulary, so the result is kept (as tokenizer.json) in yun's cache, keyed by the
+        file's path, size and modification time."""
+        cached = _gguf_tokenizer_cache(path)
+        if os.path.isfile(os.path.join(cached, "tokenizer.json")):
+            try:
+                return cls(AutoTokenizer.from_pretrained(cached))
+            except Exception:  # a damaged cache entry: rebuild it
+                pass
+        try:
+            hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                               gguf_file=os.path.basename(path))
+        except Exception as e:
+            raise ValueError(f"{path}: cannot build the tokenizer from the GGUF metadata "
+                             f"({e})") from e
+        tmp = f"{cached}.tmp-{os.getpid()}"
+        try:
+            hf.save_pretrained(tmp)
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # a read-only cache only costs time
+        return cls(hf)
+
+    @classmethod
     def from_folder(cls, path: str) -> "Tokenizer":
         if not any(os.path.isfile(os.path.join(path, f))
                    for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -87,6 +118,18 @@ class Tokenizer:
     @property
     def pad_token(self) -> str | None:
         return self.hf.pad_token
+
+
+def _gguf_tokenizer_cache(path: str) -> str:
+    import hashlib
+
+    from yun.model_source import cache_dir
+
+    st = os.stat(path)
+    key = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode()
+    folder = os.path.join(cache_dir(), "gguf-tokenizers")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, hashlib.sha256(key).hexdigest()[:16])
 
 
 _BYTE_DECODER: dict[str, int] | None = None

@@ -76,7 +76,7 @@ def _load_hf(path: str, opts: TransformersOptions):
     from yun.config import ModelConfig
 
     torch.set_num_threads(opts.threads)
-    arch = ModelConfig.from_folder(path).architecture
+    arch = ModelConfig.load(path).architecture
     model = getattr(transformers, arch).from_pretrained(path, dtype=getattr(torch, opts.dtype))
     return model.eval()
 

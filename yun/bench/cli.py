@@ -112,11 +112,13 @@ def _roofline(path: str, args: argparse.Namespace, dtype: str, threads: int | No
 def cmd_throughput(args: argparse.Namespace) -> int:
     from yun.cli import engine_config_from
     from yun.config import ModelConfig
-    from yun.model_source import resolve_model
+    from yun.model_source import DEMO_RANDOM, resolve_model
 
     _check_peers(args)
+    if args.model is None:  # benchmarks default to the 0.5B-shaped random checkpoint
+        args.model = DEMO_RANDOM
     path = resolve_model(args.model)
-    workload = _workload(args, ModelConfig.from_folder(path).vocab_size)
+    workload = _workload(args, ModelConfig.load(path).vocab_size)
     config = engine_config_from(args)
     widest = max(c or 0 for c, _ in workload.phases())
     if widest > config.max_num_seqs:
@@ -209,7 +211,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if vocab is None and args.roofline_model:
         from yun.config import ModelConfig
 
-        vocab = ModelConfig.from_folder(args.roofline_model).vocab_size
+        vocab = ModelConfig.load(args.roofline_model).vocab_size
     workload = _workload(args, vocab or ORDINARY_VOCAB)
     print(f"workload {workload.name}: {workload.description}", flush=True)
     roof = None
@@ -270,9 +272,9 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---- yun bench roofline --------------------------------------------------------------------
 def cmd_roofline(args: argparse.Namespace) -> int:
-    from yun.model_source import resolve_model
+    from yun.model_source import DEMO_RANDOM, resolve_model
 
-    _roofline(resolve_model(args.model), args, args.dtype, args.num_threads, native=True)
+    _roofline(resolve_model(args.model or DEMO_RANDOM), args, args.dtype, args.num_threads, native=True)
     return 0
 
 

@@ -250,7 +250,7 @@ def _decoder(o: ClientOptions):
                          "(a folder with the model's tokenizer) to decode the workload's ids")
     from yun.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_folder(o.tokenizer)
+    tok = Tokenizer.load(o.tokenizer)
     return lambda ids: tok.decode(ids, skip_special_tokens=False)
 
 

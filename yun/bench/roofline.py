@@ -87,7 +87,7 @@ def model_cost(folder: str, dtype: str = "auto") -> ModelCost:
 
     import torch
 
-    cfg = ModelConfig.from_folder(folder)
+    cfg = ModelConfig.load(folder)
     run_dtype = resolve_dtype(cfg, dtype, torch.device("cpu"))
     shapes: dict[str, tuple[list[int], str]] = {}
     for f in checkpoint_files(folder):
@@ -276,7 +276,7 @@ def measure_roofline(folder: str, dtype: str = "auto", threads: int | None = Non
         probe_bytes = min(max(cost.weight_bytes_per_token, PROBE_MIN), PROBE_MAX)
     native = native_kernels and cost.dtype == "bfloat16" and _native_ok()
     bw = measure_bandwidth(probe_bytes, repeats, native_bf16=native)
-    cfg = ModelConfig.from_folder(folder)
+    cfg = ModelConfig.load(folder)
     mm = measure_matmul(gemm_shapes(cfg.hidden_size, cfg.intermediate_size),
                         repeats=max(2, repeats - 2))
     return Roofline(bandwidth=max(p.value for p in bw) * 1e9,

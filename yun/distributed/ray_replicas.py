@@ -220,8 +220,8 @@ class RayReplicas:
         if self._owns_ray:
             ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
         path = resolve_model(config.model)  # the front end tokenizes: it needs the files
-        self.model_config = ModelConfig.from_folder(path)
-        self.tokenizer = Tokenizer.from_folder(path)
+        self.model_config = ModelConfig.load(path)
+        self.tokenizer = Tokenizer.load(path)
         self.router = Router(replicas, config.block_size, routing, max_imbalance)
         actor = ray.remote(Replica).options(max_restarts=-1, max_task_retries=0,
                                             **self._resources(config, replicas))

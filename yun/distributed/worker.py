@@ -26,7 +26,7 @@ def run_worker(config: EngineConfig, rdv: Rendezvous) -> None:
     from yun.engine.runner import ModelRunner
     from yun.model_source import resolve_model
 
-    model_config = ModelConfig.from_folder(resolve_model(config.model))
+    model_config = ModelConfig.load(resolve_model(config.model))
     tp = connect(config, rdv)
     try:
         runner = ModelRunner(model_config, tp.config, tp)

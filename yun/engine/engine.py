@@ -49,8 +49,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         path = resolve_model(config.model)
-        self.model_config = ModelConfig.from_folder(path)
-        self.tokenizer = Tokenizer.from_folder(path)
+        self.model_config = ModelConfig.load(path)
+        self.tokenizer = Tokenizer.load(path)
         self.tp = None  # tensor parallelism: this process is rank 0 and starts the others
         if config.tensor_parallel_size > 1:
             from yun.distributed.parallel import start_tensor_parallel

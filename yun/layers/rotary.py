@@ -39,6 +39,8 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict[str, Any] | None) -> tor
         return inv_freq / scaling["factor"]
     if kind == "llama3":
         return _llama3_inv_freq(inv_freq, scaling)
+    if kind == "freq_factors":  # GGUF's form of llama3 scaling: a divisor per frequency
+        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32)
     raise NotImplementedError(f"rope scaling {kind!r} is not supported for this model")
 
 

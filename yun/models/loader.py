@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from yun.config import ModelConfig
+from yun.layers.linear import Linear
+from yun.layers.quant_linear import QuantEmbedding, QuantLinear, QuantTensor, QuantWeight
+from yun.models.errors import CheckpointError
 from yun.models.registry import model_class
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the tensor."""
+__all__ = ["CheckpointError", "load_model", "load_weights", "resolve_dtype"]
 
 
 def checkpoint_files(folder: str) -> list[str]:
@@ -74,6 +75,19 @@ def _target(model: nn.Module, name: str) -> tuple[str, Any]:
 
 
 def load_weights(model: nn.Module, files: list[str]) -> None:
+    """Fill `model` from safetensors files (HF names)."""
+    load_tensors(model, iter_tensors(files), os.path.dirname(files[0]))
+
+
+def load_tensors(model: nn.Module, tensors: Iterable[tuple[str, str, Any]], label: str,
+                 keep_quantized: bool = False) -> None:
+    """Fill `model` from (file, HF name, tensor) triples; every parameter must be filled.
+
+    A tensor is a torch tensor or a `QuantTensor` (GGUF). With `keep_quantized`, quantized
+    weights of `Linear` layers and of the token embedding stay quantized: those modules
+    are swapped for their quantized forms once everything is read; any other quantized
+    tensor is dequantized into its parameter.
+    """
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     expected: set[tuple[str, Any]] = set()
@@ -84,7 +98,8 @@ def load_weights(model: nn.Module, files: list[str]) -> None:
     tied = getattr(getattr(model, "cfg", None), "tie_word_embeddings", False)
     ignored = tuple(getattr(model, "ignored_suffixes", ()))
     loaded: set[tuple[str, Any]] = set()
-    for path, name, tensor in iter_tensors(files):
+    kept: dict[str, dict[Any, QuantTensor]] = {}  # module name -> part -> quantized weight
+    for path, name, tensor in tensors:
         if name.endswith(ignored) or (tied and name == "lm_head.weight"):
             continue
         if skip := getattr(model, "skip_weight", None):
@@ -96,12 +111,18 @@ def load_weights(model: nn.Module, files: list[str]) -> None:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} "
                                   f"(no such parameter in {type(model).__name__})")
         dest = param.data
+        modname = target.rsplit(".", 1)[0]
         if part is not None:
-            mod = modules[target.rsplit(".", 1)[0]]
-            dest = dest[mod.part_slice(part)]
+            dest = dest[modules[modname].part_slice(part)]
         if tuple(dest.shape) != tuple(tensor.shape):
             raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                   f"expected {tuple(dest.shape)}")
+        if isinstance(tensor, QuantTensor):
+            if keep_quantized and not tensor.is_float and _quantizable(modules[modname], target):
+                kept.setdefault(modname, {})[part] = tensor
+                loaded.add((target, part))
+                continue
+            tensor = tensor.dequantize() if not tensor.is_float else tensor.data
         with torch.no_grad():
             dest.copy_(tensor)
         loaded.add((target, part))
@@ -109,8 +130,44 @@ def load_weights(model: nn.Module, files: list[str]) -> None:
     if missing:
         names = [_checkpoint_name(model, p, i) for p, i in missing]
         shown = ", ".join(repr(n) for n in names[:5]) + (" ..." if len(names) > 5 else "")
-        raise CheckpointError(f"{os.path.dirname(files[0])}: missing tensor(s) {shown} "
-                              f"({len(names)} missing)")
+        raise CheckpointError(f"{label}: missing tensor(s) {shown} ({len(names)} missing)")
+    if kept:
+        _swap_quantized(model, modules, kept)
+
+
+def _quantizable(mod: nn.Module, target: str) -> bool:
+    """Modules that run on quantized weights: yun's Linear layers, the token embedding."""
+    return target.endswith(".weight") and (
+        isinstance(mod, Linear) or target.endswith("embed_tokens.weight"))
+
+
+def _swap_quantized(model: nn.Module, modules: dict[str, nn.Module],
+                    kept: dict[str, dict[Any, QuantTensor]]) -> None:
+    """Replace each module whose weight stayed quantized by its quantized form. Parts
+    of a fused layer that were dense (e.g. an F16 V next to Q4_K Q and K) join as float
+    parts."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    tied = getattr(getattr(model, "cfg", None), "tie_word_embeddings", False)
+    for modname, parts in kept.items():
+        mod = modules[modname]
+        merged = bool(getattr(mod, "output_sizes", None))  # parts 0..n-1, else one (None)
+        sizes = list(mod.output_sizes) if merged else [mod.weight.shape[0]]
+        tensors = []
+        for i in range(len(sizes)):
+            t = parts.get(i if merged else None)
+            if t is None:  # a dense part of a fused layer
+                w = mod.weight.data[mod.part_slice(i)]
+                t = QuantTensor(0, w.float().contiguous(), tuple(w.shape), f"{modname}[{i}]")
+            tensors.append(t)
+        weight = QuantWeight(tensors)
+        parent_name, _, attr = modname.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        if attr == "embed_tokens":
+            setattr(parent, attr, QuantEmbedding(weight, dtype))
+            if tied and isinstance(getattr(model, "lm_head", None), Linear):
+                model.lm_head = QuantLinear(weight, None)
+        else:
+            setattr(parent, attr, QuantLinear(weight, mod.bias, sizes))
 
 
 def _parts(mod: nn.Module) -> list[Any]:
@@ -146,17 +203,30 @@ def resolve_dtype(cfg: ModelConfig, dtype: str, device: torch.device) -> torch.d
     return dt
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    cls = model_class(cfg.architecture, os.path.join(cfg.path, "config.json"))
-    files = checkpoint_files(cfg.path)
-    with torch.device("meta"):  # no time spent on random init
+def build_empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                      label: str) -> nn.Module:
+    """The model's modules with uninitialised weights on `device` (no time spent on random
+    init), computed buffers (rope tables) built."""
+    cls = model_class(cfg.architecture, label)
+    with torch.device("meta"):
         model = cls(cfg)
     model = model.to_empty(device=device).to(dtype=dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    for module in model.modules():  # computed buffers (rope tables) are not in checkpoints
+    for module in model.modules():  # computed buffers are not in checkpoints
         if hasattr(module, "build_buffers"):
             module.build_buffers(device)
+    return model
+
+
+def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """An HF folder or a GGUF file (cfg.path) -> the loaded model in eval mode."""
+    if cfg.is_gguf:
+        from yun.models.gguf_loader import load_gguf_model
+
+        return load_gguf_model(cfg, dtype, device)
+    files = checkpoint_files(cfg.path)
+    model = build_empty_model(cfg, dtype, device, os.path.join(cfg.path, "config.json"))
     load_weights(model, files)
     model.eval()
     return model

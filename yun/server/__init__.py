@@ -71,8 +71,9 @@ def serve(engine_config: "EngineConfig", settings: ServerSettings) -> None:
     """
     from yun.demo import DEMO_NOTICE
     from yun.engine.async_engine import AsyncEngine  # imports torch: only when serving
+    from yun.model_source import DEMO_RANDOM
 
-    if engine_config.model is None:
+    if engine_config.model == DEMO_RANDOM:
         print(f"yun: {DEMO_NOTICE}", flush=True)
     if settings.replicas > 1 or settings.ray_address:  # N engines on Ray, routed here
         from yun.distributed.ray_replicas import RayReplicas

@@ -22,13 +22,13 @@ from yun.server.protocol import (ChatCompletionRequest, CompletionRequest, Detok
                                  ModelCard, ModelList, TokenizeRequest)
 from yun.server.chat import ChatCompletions
 from yun.server.completions import Completions
+from yun.model_source import DEFAULT_MODEL_NAME
 from yun.server.serving import OpenAIServing
 from yun.server.settings import ServerSettings
 
 if TYPE_CHECKING:
     from yun.engine.async_engine import AsyncEngine
 
-DEMO_NAME = "yun-demo"
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
 STATIC = Path(__file__).with_name("static")  # the chat page: index.html, app.js, style.css
 # The page runs only its own script and talks only to this origin: even a rendering bug
@@ -44,8 +44,9 @@ PAGE_HEADERS = {
 
 
 def model_name(settings: ServerSettings, model: str | None) -> str:
-    """What clients call the model: --served-model-name, else MODEL as given, else yun-demo."""
-    return settings.served_model_name or model or DEMO_NAME
+    """What clients call the model: --served-model-name, else MODEL as given, else the
+    default model's name."""
+    return settings.served_model_name or model or DEFAULT_MODEL_NAME
 
 
 def _needs_key(path: str) -> bool:

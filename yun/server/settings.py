@@ -29,7 +29,7 @@ class ServerSettings:
         None, "Require `Authorization: Bearer KEY` on the API routes. Default: no key.")
     served_model_name: str | None = _opt(
         None, "The model name clients send and see in /v1/models. Default: the MODEL "
-        "argument as given, or yun-demo for the demo model.")
+        "argument as given, or SmolLM2-135M-Instruct for the default model.")
     max_queue: int = _opt(
         1024, "Most requests waiting for a free slot (beyond --max-num-seqs running); "
         "past it new requests get 429 with Retry-After.")
