@@ -21,6 +21,8 @@ from yun.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 from yun.layers.attention import set_decode_backend
 from yun.layers.fused import set_fused_backend
 from yun.layers.linear import set_bf16_backend
+from yun.layers.quant_linear import QuantWeight
+from yun.layers.quantized import set_quant_backend
 from yun.layers.context import AttentionMetadata, ForwardContext, PrefillSeq, forward_context
 from yun.models.huge_pages import place_in_huge_pages
 from yun.models.loader import load_model, resolve_dtype
@@ -88,6 +90,7 @@ class ModelRunner:
         set_bf16_backend(self._bf16_kernels())
         set_decode_backend(self._decode_kernel())
         set_fused_backend(self._fused_ops())
+        set_quant_backend(self._quant_kernels())
         self.block_size = config.block_size
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
@@ -102,6 +105,15 @@ class ModelRunner:
 
         few, many = kernels.bf16_gemv(), kernels.bf16_gemm()
         return None if few is None or many is None else (few, many)
+
+    def _quant_kernels(self):
+        """The native quantized matmuls, built only for a model with quantized weights."""
+        if not (self.config.native_kernels and self.device.type == "cpu"
+                and any(isinstance(m, QuantWeight) for m in self.model.modules())):
+            return None
+        from yun import kernels
+
+        return kernels.quant()
 
     def _fused_ops(self):
         if not (self.config.native_kernels and self.device.type == "cpu"):
