@@ -66,6 +66,11 @@ def shard_model(model: nn.Module, tp: "TensorParallel") -> None:
     """Keep rank tp.rank's share of every weight, in place; install the collectives."""
     n, r = tp.world_size, tp.rank
     check_shardable(model.cfg, n)
+    from yun.layers.quant_linear import QuantWeight
+
+    if any(isinstance(m, QuantWeight) for m in model.modules()):
+        raise ValueError("tensor parallelism over quantized GGUF weights is not supported "
+                         "yet: use an F32/F16/BF16 GGUF file or a Hugging Face checkpoint")
     reduce = _all_reduce_hook(tp)
     for layer in model.model.layers:
         attn = layer.self_attn

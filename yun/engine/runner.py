@@ -8,6 +8,7 @@ Shapes: T = tokens this step, B_d = decode rows, N = rows whose logits are compu
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,28 @@ def default_kv_cache_bytes(device: torch.device) -> int:
     return int(min(avail * 0.25, 4 * 2**30))
 
 
+def weight_summary(model: torch.nn.Module) -> str:
+    """e.g. "Q4_1 x210, Q8_0 x1, F32 x61 (103 MB)": tensor types and bytes in memory."""
+    from collections import Counter
+
+    from gguf import GGMLQuantizationType
+
+    kinds: Counter[str] = Counter()
+    total = 0
+    seen: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, QuantWeight) and id(m) not in seen:
+            seen.add(id(m))
+            for i, q in enumerate(m.qtypes):
+                kinds[GGMLQuantizationType(q).name] += 1
+                total += m.part(i).nbytes
+    for p in {id(p): p for p in model.parameters()}.values():
+        kinds[str(p.dtype).removeprefix("torch.")] += 1
+        total += p.numel() * p.element_size()
+    shown = ", ".join(f"{k} x{n}" for k, n in kinds.most_common())
+    return f"{shown} ({total / 1e6:.0f} MB)"
+
+
 @dataclass
 class StepInputs:
     input_ids: torch.Tensor  # [T]
@@ -91,6 +114,8 @@ class ModelRunner:
         set_decode_backend(self._decode_kernel())
         set_fused_backend(self._fused_ops())
         set_quant_backend(self._quant_kernels())
+        if tp is None or tp.rank == 0:
+            print(f"yun: {self.describe()}", file=sys.stderr, flush=True)
         self.block_size = config.block_size
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
@@ -105,6 +130,22 @@ class ModelRunner:
 
         few, many = kernels.bf16_gemv(), kernels.bf16_gemm()
         return None if few is None or many is None else (few, many)
+
+    def describe(self) -> str:
+        """The start-up line: the CPU, its features, and the kernels this model runs on."""
+        from yun.layers.attention import decode_backend_name
+        from yun.layers.linear import bf16_backend_name
+        from yun.layers.quantized import quant_backend_name
+
+        weights = weight_summary(self.model)
+        if self.device.type != "cpu":
+            return f"{self.device}: torch kernels; weights {weights}"
+        from yun.kernels.cpu import describe
+
+        quant = quant_backend_name() if "Q" in weights else None
+        kernels = (f"bf16 matmul: {bf16_backend_name()}, decode attention: "
+                   f"{decode_backend_name()}")
+        return f"{describe(quant or '-')}; {kernels}; weights {weights}"
 
     def _quant_kernels(self):
         """The native quantized matmuls, built only for a model with quantized weights."""

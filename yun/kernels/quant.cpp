@@ -225,12 +225,13 @@ struct Kern {
     for (int m = 0; m < MB; ++m) j.y[(m0 + m) * j.ldy + n] = acc[m] + b;
   }
 
-  static void row(int mb, const Job& j, int64_t n, int64_t m0) {
+  static int row(int mb, const Job& j, int64_t n, int64_t, int64_t m0) {
     switch (mb) {
       case 1: rows<1>(j, n, m0); break;
       case 2: rows<2>(j, n, m0); break;
       default: rows<4>(j, n, m0); break;
     }
+    return 1;
   }
 };
 
@@ -249,15 +250,53 @@ void run(const Job& j, int qtype, int64_t n0, int64_t n1) {
   }
 }
 
+inline float round_half_even(float v) {  // exact for |v| < 2^22; |v| <= 127 here
+  return (v + 12582912.f) - 12582912.f;
+}
+
+// One row of x: K floats -> q, d and sums per block (see Act), zeros from K to kp. Returns
+// false if x has an inf or nan (the caller then makes the row's outputs nan).
+bool quantize_row(const float* x, int64_t K, int64_t kp, int8_t* q, float* d32, float* d16,
+                  float* s32, float* s16) {
+  float probe = 0.f;  // nan if any x is inf or nan
+  for (int64_t b = 0; b < kp / 32; ++b) {
+    int8_t* qb = q + 32 * b;
+    if (32 * b >= K) {
+      std::memset(qb, 0, 32);
+      d32[b] = s32[b] = d16[2 * b] = d16[2 * b + 1] = s16[2 * b] = s16[2 * b + 1] = 0.f;
+      continue;
+    }
+    const float* xb = x + 32 * b;
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i])), probe += xb[i] * 0.f;
+    const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+    int s0 = 0, s1 = 0;
+    for (int i = 0; i < 32; ++i) {
+      const float r = std::min(127.f, std::max(-127.f, round_half_even(xb[i] * id)));
+      const int v = static_cast<int>(r);
+      qb[i] = static_cast<int8_t>(v);
+      (i < 16 ? s0 : s1) += v;
+    }
+    d32[b] = d16[2 * b] = d16[2 * b + 1] = d;
+    s16[2 * b] = d * s0;
+    s16[2 * b + 1] = d * s1;
+    s32[b] = d * (s0 + s1);
+  }
+  return probe == 0.f;
+}
+
 }  // namespace scalar
 
 namespace {
 
 using RunFn = void (*)(const Job&, int, int64_t, int64_t);
+using QuantizeFn = bool (*)(const float*, int64_t, int64_t, int8_t*, float*, float*, float*, float*);
 
 struct Path {
   const char* name;
   RunFn run;
+  QuantizeFn quantize;  // one row of x (every path gives the same bits; AVX-512 machines
+                        // use AVX2's: Zen 4's down-converting stores are slow)
   bool (*runnable)();
 };
 
@@ -277,12 +316,12 @@ bool always() { return true; }
 // Best first.
 const Path kPaths[] = {
 #if defined(__x86_64__)
-    {"avx512-vnni", avx512vnni::run, has_avx512_vnni},
-    {"avx512", avx512::run, has_avx512},
-    {"avx2-vnni", avx2vnni::run, has_avx2_vnni},
-    {"avx2", avx2::run, has_avx2},
+    {"avx512-vnni", avx512vnni::run, avx2::quantize_row, has_avx512_vnni},
+    {"avx512", avx512::run, avx2::quantize_row, has_avx512},
+    {"avx2-vnni", avx2vnni::run, avx2vnni::quantize_row, has_avx2_vnni},
+    {"avx2", avx2::run, avx2::quantize_row, has_avx2},
 #endif
-    {"scalar", scalar::run, always},
+    {"scalar", scalar::run, scalar::quantize_row, always},
 };
 
 const Path& find_path(const std::string& isa) {
@@ -319,40 +358,7 @@ struct ActBuf {
   Act view(int64_t kp) const { return {q.data(), d32.data(), d16.data(), s32.data(), s16.data(), kp}; }
 };
 
-inline float round_half_even(float v) {  // exact for |v| < 2^22; |v| <= 127 here
-  return (v + 12582912.f) - 12582912.f;
-}
-
-// One row: K values of x (already float) -> q, d, sums; zeros from K to kp.
-void quantize_row(const float* x, int64_t K, int64_t kp, int8_t* q, float* d32, float* d16,
-                  float* s32, float* s16) {
-  for (int64_t b = 0; b < kp / 32; ++b) {
-    int8_t* qb = q + 32 * b;
-    if (32 * b >= K) {
-      std::memset(qb, 0, 32);
-      d32[b] = s32[b] = d16[2 * b] = d16[2 * b + 1] = s16[2 * b] = s16[2 * b + 1] = 0.f;
-      continue;
-    }
-    const float* xb = x + 32 * b;
-    float amax = 0.f, probe = 0.f;  // probe: nan if any x is inf or nan
-    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i])), probe += xb[i] * 0.f;
-    const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-    int s0 = 0, s1 = 0;
-    for (int i = 0; i < 32; ++i) {
-      const float r = std::min(127.f, std::max(-127.f, round_half_even(xb[i] * id)));
-      const int v = static_cast<int>(r);
-      qb[i] = static_cast<int8_t>(v);
-      (i < 16 ? s0 : s1) += v;
-    }
-    const float dd = probe == 0.f ? d : std::numeric_limits<float>::quiet_NaN();
-    d32[b] = d16[2 * b] = d16[2 * b + 1] = dd;
-    s16[2 * b] = dd * s0;
-    s16[2 * b + 1] = dd * s1;
-    s32[b] = dd * (s0 + s1);
-  }
-}
-
-ActBuf quantize_activation(const torch::Tensor& x, int64_t K, int64_t kp) {
+ActBuf quantize_activation(const torch::Tensor& x, int64_t K, int64_t kp, QuantizeFn quantize_row) {
   const int64_t M = x.size(0);
   ActBuf a;
   a.q.resize(M * kp);
@@ -373,8 +379,14 @@ ActBuf quantize_activation(const torch::Tensor& x, int64_t K, int64_t kp) {
           const uint32_t u = static_cast<uint32_t>(xb[r * K + i]) << 16;
           std::memcpy(&row[i], &u, 4);
         }
-      quantize_row(src, K, kp, a.q.data() + r * kp, a.d32.data() + r * kp / 32,
-                   a.d16.data() + r * kp / 16, a.s32.data() + r * kp / 32, a.s16.data() + r * kp / 16);
+      float* d32 = a.d32.data() + r * kp / 32;
+      float* d16 = a.d16.data() + r * kp / 16;
+      if (!quantize_row(src, K, kp, a.q.data() + r * kp, d32, d16, a.s32.data() + r * kp / 32,
+                        a.s16.data() + r * kp / 16)) {
+        // An inf or nan in x: this row's outputs are nan, as a float matmul's would be (or inf).
+        std::fill(d32, d32 + kp / 32, std::numeric_limits<float>::quiet_NaN());
+        std::fill(d16, d16 + kp / 16, std::numeric_limits<float>::quiet_NaN());
+      }
     }
   });
   return a;
@@ -412,7 +424,7 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K,
   const Path& path = find_path(isa);
   const Format_ f = format_of(qtype);
   const int64_t M = x.size(0), N = w.size(0), kp = padded(K);
-  const ActBuf act = quantize_activation(x, K, kp);
+  const ActBuf act = quantize_activation(x, K, kp, path.quantize);
   torch::Tensor bf;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == N, "bias must have N=", N, " values");
@@ -451,10 +463,10 @@ std::vector<std::string> isas() {
 }
 
 // For tests: the activation as the kernels see it, q [M, kp] int8 and d [M, kp / 32].
-std::vector<torch::Tensor> quantize_activation_for_test(torch::Tensor x, int64_t K) {
+std::vector<torch::Tensor> quantize_activation_for_test(torch::Tensor x, int64_t K, const std::string& isa) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && K % 32 == 0, "x must be [M, K], K a multiple of 32");
   const int64_t M = x.size(0), kp = padded(K);
-  const ActBuf a = quantize_activation(x, K, kp);
+  const ActBuf a = quantize_activation(x, K, kp, find_path(isa).quantize);
   torch::Tensor q = torch::empty({M, kp}, torch::kInt8), d = torch::empty({M, kp / 32}, torch::kFloat);
   std::memcpy(q.data_ptr<int8_t>(), a.q.data(), a.q.size());
   std::memcpy(d.data_ptr<float>(), a.d32.data(), a.d32.size() * sizeof(float));
@@ -466,5 +478,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"), py::arg("qtype"), py::arg("k"), py::arg("bias"), py::arg("isa"));
   m.def("isas", &isas, "the code paths this CPU runs, best first");
   m.def("quantize_activation", &quantize_activation_for_test,
-        "x [M, K] -> (q int8 [M, Kp], d float32 [M, Kp / 32]) as the kernels quantize it");
+        "x [M, K] -> (q int8 [M, Kp], d float32 [M, Kp / 32]) as the kernels quantize it",
+        py::arg("x"), py::arg("k"), py::arg("isa"));
 }

@@ -115,8 +115,9 @@ struct Job {
                        // rows of x goes over it
 };
 
-// Rows [n0, n1) of y. Kern::row<MB>(job, n, m0) computes y[m0 .. m0+MB, n]. Kern is one
-// (ISA, type) pair; this loop is shared by every path.
+// Rows [n0, n1) of y. Kern::row(mb, job, n, n_end, m0) computes y[m0 .. m0+mb, n ..] for
+// as many weight rows as it takes at once (it returns that number; rows past n_end - 1 are
+// computed as row n_end - 1 again). Kern is one (ISA, type) pair; this loop is shared.
 template <class Kern>
 void drive(const Job& j, int64_t n0, int64_t n1) {
   for (int64_t t0 = n0; t0 < n1; t0 += j.n_tile) {
@@ -124,7 +125,7 @@ void drive(const Job& j, int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < j.rows;) {
       const int64_t left = j.rows - m0;
       const int mb = left >= Kern::kMaxRows ? Kern::kMaxRows : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-      for (int64_t n = t0; n < t1; ++n) Kern::row(mb, j, n, m0);
+      for (int64_t n = t0; n < t1;) n += Kern::row(mb, j, n, t1, m0);
       m0 += mb;
     }
   }

@@ -16,12 +16,10 @@ inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<co
 inline __m128i load128(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
 inline float half(const uint8_t* p) { return _cvtsh_ss(ld16(p)); }
 
-inline __m256 halves8(const uint8_t* p, int stride) {
-  return _mm256_cvtph_ps(_mm_setr_epi16(
-      static_cast<short>(ld16(p)), static_cast<short>(ld16(p + stride)),
-      static_cast<short>(ld16(p + 2 * stride)), static_cast<short>(ld16(p + 3 * stride)),
-      static_cast<short>(ld16(p + 4 * stride)), static_cast<short>(ld16(p + 5 * stride)),
-      static_cast<short>(ld16(p + 6 * stride)), static_cast<short>(ld16(p + 7 * stride))));
+// The halves at p, p + stride, ... of a chunk's nb blocks (zero past them) -> 8 floats.
+inline __m256 halves8(const uint8_t* p, int stride, int nb) {
+  auto h = [&](int i) { return static_cast<short>(i < nb ? ld16(p + i * stride) : 0); };
+  return _mm256_cvtph_ps(_mm_setr_epi16(h(0), h(1), h(2), h(3), h(4), h(5), h(6), h(7)));
 }
 
 inline __m256 u8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
@@ -58,24 +56,24 @@ inline __m256i shift_mask(__m256i v, int shift, char mask) {
 template <int QT> struct Dec;
 
 template <> struct Dec<Q4_0> {
-  static void scales(const uint8_t* p, __m256* a, __m256* c) {
-    a[0] = halves8(p, 18);
+  static void scales(const uint8_t* p, __m256* a, __m256* c, int nb) {
+    a[0] = halves8(p, 18, nb);
     c[0] = _mm256_mul_ps(a[0], _mm256_set1_ps(-8.f));
   }
   static __m256i vec(const uint8_t* p, int s) { return nibbles_block(p + 18 * s + 2); }
 };
 
 template <> struct Dec<Q4_1> {
-  static void scales(const uint8_t* p, __m256* a, __m256* c) {
-    a[0] = halves8(p, 20);
-    c[0] = halves8(p + 2, 20);
+  static void scales(const uint8_t* p, __m256* a, __m256* c, int nb) {
+    a[0] = halves8(p, 20, nb);
+    c[0] = halves8(p + 2, 20, nb);
   }
   static __m256i vec(const uint8_t* p, int s) { return nibbles_block(p + 20 * s + 4); }
 };
 
 template <> struct Dec<Q5_0> {
-  static void scales(const uint8_t* p, __m256* a, __m256* c) {
-    a[0] = halves8(p, 22);
+  static void scales(const uint8_t* p, __m256* a, __m256* c, int nb) {
+    a[0] = halves8(p, 22, nb);
     c[0] = _mm256_mul_ps(a[0], _mm256_set1_ps(-16.f));
   }
   static __m256i vec(const uint8_t* p, int s) {
@@ -85,9 +83,9 @@ template <> struct Dec<Q5_0> {
 };
 
 template <> struct Dec<Q5_1> {
-  static void scales(const uint8_t* p, __m256* a, __m256* c) {
-    a[0] = halves8(p, 24);
-    c[0] = halves8(p + 2, 24);
+  static void scales(const uint8_t* p, __m256* a, __m256* c, int nb) {
+    a[0] = halves8(p, 24, nb);
+    c[0] = halves8(p + 2, 24, nb);
   }
   static __m256i vec(const uint8_t* p, int s) {
     const uint8_t* b = p + 24 * s;
@@ -96,8 +94,8 @@ template <> struct Dec<Q5_1> {
 };
 
 template <> struct Dec<Q8_0> {  // signed weights: the kernel takes |w| and moves the sign to x
-  static void scales(const uint8_t* p, __m256* a, __m256* c) {
-    a[0] = halves8(p, 34);
+  static void scales(const uint8_t* p, __m256* a, __m256* c, int nb) {
+    a[0] = halves8(p, 34, nb);
     c[0] = _mm256_setzero_ps();
   }
   static __m256i vec(const uint8_t* p, int s) { return load256(p + 34 * s + 2); }
@@ -111,14 +109,14 @@ inline void k4_scales(const uint8_t* p, __m256* a, __m256* c) {
 }
 
 template <> struct Dec<Q4_K> {
-  static void scales(const uint8_t* p, __m256* a, __m256* c) { k4_scales(p, a, c); }
+  static void scales(const uint8_t* p, __m256* a, __m256* c, int) { k4_scales(p, a, c); }
   static __m256i vec(const uint8_t* p, int s) {  // 32 bytes: low nibbles, then high ones
     return shift_mask(load256(p + 16 + 32 * (s >> 1)), 4 * (s & 1), 0x0F);
   }
 };
 
 template <> struct Dec<Q5_K> {
-  static void scales(const uint8_t* p, __m256* a, __m256* c) { k4_scales(p, a, c); }
+  static void scales(const uint8_t* p, __m256* a, __m256* c, int) { k4_scales(p, a, c); }
   static __m256i vec(const uint8_t* p, int s) {
     const __m256i lo = shift_mask(load256(p + 48 + 32 * (s >> 1)), 4 * (s & 1), 0x0F);
     return _mm256_or_si256(lo, bit_to_bytes(load256(p + 16), s, 16));
@@ -126,7 +124,7 @@ template <> struct Dec<Q5_K> {
 };
 
 template <> struct Dec<Q6_K> {
-  static void scales(const uint8_t* p, __m256* a, __m256* c) {
+  static void scales(const uint8_t* p, __m256* a, __m256* c, int) {
     const __m256 d = _mm256_set1_ps(half(p + 208));
     const __m128i sc = load128(p + 192);
     a[0] = _mm256_mul_ps(d, i8x8_to_ps(sc));
@@ -145,7 +143,7 @@ template <> struct Dec<Q6_K> {
 };
 
 template <> struct Dec<Q3_K> {
-  static void scales(const uint8_t* p, __m256* a, __m256* c) {
+  static void scales(const uint8_t* p, __m256* a, __m256* c, int) {
     alignas(16) int8_t sc[16];
     unpack_q3k_scales(p + 96, sc);
     const __m256 d = _mm256_set1_ps(half(p + 108));
@@ -162,7 +160,7 @@ template <> struct Dec<Q3_K> {
 };
 
 template <> struct Dec<Q2_K> {
-  static void scales(const uint8_t* p, __m256* a, __m256* c) {
+  static void scales(const uint8_t* p, __m256* a, __m256* c, int) {
     const __m128i sc = load128(p);
     const __m128i lo = _mm_and_si128(sc, _mm_set1_epi8(0x0F));
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(0x0F));
@@ -197,38 +195,31 @@ struct Kern {
   static constexpr int kMaxRows = 4;
   static constexpr int NG = Format<QT>::groups;
 
-  template <int MB>
-  static void rows(const Job& j, int64_t n, int64_t m0) {
+  // One chunk of R weight rows against MB rows of x, into acc; of a partial last chunk
+  // only the blocks there are read.
+  template <bool Whole, int R, int MB>
+  __attribute__((always_inline)) static inline void chunk(
+      const Job& j, const uint8_t* const* w, int64_t ch, const int8_t* xq, const float* dg,
+      const float* sg, int64_t gpr, __m256 (*acc)[MB]) {
     constexpr int CB = chunk_bytes<QT>(), NV = NG / 8;
-    const int64_t kp = j.x.kp, gpr = kp / (256 / NG);
-    const float* dg = (NG == 8 ? j.x.d32 : j.x.d16) + m0 * gpr;
-    const float* sg = (NG == 8 ? j.x.s32 : j.x.s16) + m0 * gpr;
-    const int8_t* xq = j.x.q + m0 * kp;
-    const uint8_t* w = j.w + n * j.row_bytes;
+    const int64_t kp = j.x.kp;
+    const int nv = Whole ? 8 : static_cast<int>(j.tail_bytes / Format<QT>::bytes);
     // Groups 2s, 2s + 1 of 16 (within a vector of 8 scales) over lanes 0-3, 4-7.
     const __m256i pairs[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
                               _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
-    __m256 acc[MB];
-    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
-    alignas(32) uint8_t tail[CB];
     alignas(32) float sc[MB][NG];
-    for (int64_t ch = 0; ch < j.chunks; ++ch) {
-      const uint8_t* p = w + ch * CB;
-      if (j.tail_bytes && ch == j.chunks - 1) {
-        std::memset(tail, 0, CB);
-        std::memcpy(tail, p, j.tail_bytes);
-        p = tail;
-      }
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = w[r] + ch * CB;
       __m256 a[NV], c[NV];
-      Dec<QT>::scales(p, a, c);
+      Dec<QT>::scales(p, a, c, nv);
       for (int m = 0; m < MB; ++m)
         for (int v = 0; v < NV; ++v) {
           const int64_t g = m * gpr + ch * NG + 8 * v;
           _mm256_store_ps(sc[m] + 8 * v, _mm256_mul_ps(a[v], _mm256_loadu_ps(dg + g)));
-          acc[m] = _mm256_fmadd_ps(c[v], _mm256_loadu_ps(sg + g), acc[m]);
+          acc[r][m] = _mm256_fmadd_ps(c[v], _mm256_loadu_ps(sg + g), acc[r][m]);
         }
 #pragma GCC unroll 8
-      for (int s = 0; s < 8; ++s) {
+      for (int s = 0; s < nv; ++s) {
         __m256i u = Dec<QT>::vec(p, s);
         const __m256i sign = u;
         if (QT == Q8_0) u = _mm256_abs_epi8(u);
@@ -237,22 +228,97 @@ struct Kern {
           if (QT == Q8_0) x = _mm256_sign_epi8(x, sign);
           const __m256 f = NG == 8 ? _mm256_broadcast_ss(sc[m] + s)
                                    : _mm256_permutevar8x32_ps(_mm256_load_ps(sc[m] + 8 * (s >> 2)), pairs[s & 3]);
-          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(u, x)), f, acc[m]);
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(u, x)), f, acc[r][m]);
         }
       }
     }
-    const float b = j.bias ? j.bias[n] : 0.f;
-    for (int m = 0; m < MB; ++m) j.y[(m0 + m) * j.ldy + n] = hsum(acc[m]) + b;
   }
 
-  static void row(int mb, const Job& j, int64_t n, int64_t m0) {
+  // R weight rows at once against MB rows of x (see the AVX-512 body).
+  template <int R, int MB>
+  static void rows(const Job& j, int64_t n, int64_t n_end, int64_t m0) {
+    const int64_t kp = j.x.kp, gpr = kp / (256 / NG);
+    const float* dg = (NG == 8 ? j.x.d32 : j.x.d16) + m0 * gpr;
+    const float* sg = (NG == 8 ? j.x.s32 : j.x.s16) + m0 * gpr;
+    const int8_t* xq = j.x.q + m0 * kp;
+    int64_t nr[R];
+    const uint8_t* w[R];
+    for (int r = 0; r < R; ++r) {
+      nr[r] = n + r < n_end ? n + r : n_end - 1;
+      w[r] = j.w + nr[r] * j.row_bytes;
+    }
+    __m256 acc[R][MB];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+    const int64_t full = j.tail_bytes ? j.chunks - 1 : j.chunks;
+    for (int64_t ch = 0; ch < full; ++ch) chunk<true, R, MB>(j, w, ch, xq, dg, sg, gpr, acc);
+    if (full < j.chunks) chunk<false, R, MB>(j, w, full, xq, dg, sg, gpr, acc);
+    for (int r = 0; r < R; ++r) {
+      const float b = j.bias ? j.bias[nr[r]] : 0.f;
+      for (int m = 0; m < MB; ++m) j.y[(m0 + m) * j.ldy + nr[r]] = hsum(acc[r][m]) + b;
+    }
+  }
+
+  // 16 registers: 4 weight rows for one row of x, 2 for up to 4 (8 accumulators).
+  static int row(int mb, const Job& j, int64_t n, int64_t n_end, int64_t m0) {
     switch (mb) {
-      case 1: rows<1>(j, n, m0); break;
-      case 2: rows<2>(j, n, m0); break;
-      default: rows<4>(j, n, m0); break;
+      case 1: rows<4, 1>(j, n, n_end, m0); return 4;
+      case 2: rows<2, 2>(j, n, n_end, m0); return 2;
+      default: rows<2, 4>(j, n, n_end, m0); return 2;
     }
   }
 };
+
+// quantize_row of quant.cpp (same results), 32 values at a time.
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+  return _mm_cvtsi128_si32(s);
+}
+
+bool quantize_row(const float* x, int64_t K, int64_t kp, int8_t* q, float* d32, float* d16,
+                  float* s32, float* s16) {
+  const __m256 zero = _mm256_setzero_ps(), abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 probe = zero;
+  int64_t b = 0;
+  for (; 32 * b < K; ++b) {
+    __m256 v[4];
+    __m256 mx = zero;
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(x + 32 * b + 8 * i);
+      probe = _mm256_add_ps(probe, _mm256_mul_ps(v[i], zero));
+      mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], abs_mask));
+    }
+    const float amax = hmax(mx);
+    const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+    __m256i qi[4];
+    for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+    // packs interleave 128-bit lanes: dwords come out as q0[0:4] q1[0:4] q2[0:4] q3[0:4] |
+    // q0[4:8] ...; the permute puts them back in order.
+    const __m256i p16a = _mm256_packs_epi32(qi[0], qi[1]), p16b = _mm256_packs_epi32(qi[2], qi[3]);
+    const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b),
+                                                   _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * b), p8);
+    const int s0 = hsum_i32(_mm256_add_epi32(qi[0], qi[1])), s1 = hsum_i32(_mm256_add_epi32(qi[2], qi[3]));
+    d32[b] = d16[2 * b] = d16[2 * b + 1] = d;
+    s16[2 * b] = d * s0;
+    s16[2 * b + 1] = d * s1;
+    s32[b] = d * (s0 + s1);
+  }
+  for (; b < kp / 32; ++b) {
+    std::memset(q + 32 * b, 0, 32);
+    d32[b] = s32[b] = d16[2 * b] = d16[2 * b + 1] = s16[2 * b] = s16[2 * b + 1] = 0.f;
+  }
+  return hsum(probe) == 0.f;
+}
 
 void run(const Job& j, int qtype, int64_t n0, int64_t n1) {
   switch (qtype) {

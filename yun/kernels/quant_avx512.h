@@ -19,15 +19,17 @@ struct Chunk {
 
 inline __m512 zext8(__m256 v) { return _mm512_zextps256_ps512(v); }
 
-// Eight halves at p, p + stride, ... -> lanes 0-7 (lanes 8-15 zero).
-inline __m512 halves8(const uint8_t* p, int stride) {
-  const __m128i h = _mm_setr_epi16(
-      static_cast<short>(ld16(p)), static_cast<short>(ld16(p + stride)),
-      static_cast<short>(ld16(p + 2 * stride)), static_cast<short>(ld16(p + 3 * stride)),
-      static_cast<short>(ld16(p + 4 * stride)), static_cast<short>(ld16(p + 5 * stride)),
-      static_cast<short>(ld16(p + 6 * stride)), static_cast<short>(ld16(p + 7 * stride)));
-  return zext8(_mm256_cvtph_ps(h));
+// The first 4 bytes of each of the chunk's nb blocks (stride B; zero for the blocks past
+// nb): their half scale(s), or Q5 high bits.
+inline __m256i block_words(const uint8_t* p, int B, int nb) {
+  const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(B));
+  return _mm256_mmask_i32gather_epi32(_mm256_setzero_si256(), static_cast<__mmask8>((1u << nb) - 1), offsets,
+                                      reinterpret_cast<const int*>(p), 1);
 }
+
+// The low (or high) halves of 8 words -> floats in lanes 0-7 (lanes 8-15 zero).
+inline __m512 low_halves(__m256i w) { return zext8(_mm256_cvtph_ps(_mm256_cvtepi32_epi16(w))); }
+inline __m512 high_halves(__m256i w) { return low_halves(_mm256_srli_epi32(w, 16)); }
 
 inline float half(const uint8_t* p) { return _cvtsh_ss(ld16(p)); }
 
@@ -45,12 +47,14 @@ inline __m512i join(__m256i lo, __m256i hi) {
 }
 
 // Two blocks of 32 4-bit values (16 bytes each: value i in the low nibble of byte i, value
-// 16 + i in its high nibble) -> 64 bytes in value order.
-inline __m512i nibbles_2blocks(const uint8_t* q0, const uint8_t* q1) {
-  const __m256i both = _mm256_set_m128i(load128(q1), load128(q0));
-  __m512i z = join(both, _mm256_srli_epi16(both, 4));     // [q0, q1, q0 >> 4, q1 >> 4]
-  z = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));  // [q0, q0 >> 4, q1, q1 >> 4]
-  return _mm512_and_si512(z, _mm512_set1_epi8(0x0F));
+// 16 + i in its high nibble) -> 64 bytes in value order: [q0, q0, q1, q1], the second and
+// fourth quarters shifted right by 4.
+inline __m512i nibbles_2blocks(const uint8_t* q0, const uint8_t* q1) {  // q1 null: zeros
+  const __m256i b1 = q1 ? _mm256_broadcastsi128_si256(load128(q1)) : _mm256_setzero_si256();
+  const __m512i z = join(_mm256_broadcastsi128_si256(load128(q0)), b1);
+  const __m512i shift = _mm512_setr_epi64(0, 0, 0x0004000400040004, 0x0004000400040004,
+                                          0, 0, 0x0004000400040004, 0x0004000400040004);
+  return _mm512_and_si512(_mm512_srlv_epi16(z, shift), _mm512_set1_epi8(0x0F));
 }
 
 // 32 bytes of 4-bit pairs: low nibbles are values 0-31, high nibbles values 32-63.
@@ -80,55 +84,71 @@ inline __m512i crumbs_64(const uint8_t* q, int b) {
                           _mm512_set1_epi8(3));
 }
 
-template <int QT> void decode(const uint8_t* p, Chunk& c);
+// Decodes a chunk at p. Blocks of 32: only the first nb blocks are there (nb = 8 but in a
+// row's partial last chunk); the vectors past them are not used.
+template <int QT> void decode(const uint8_t* p, Chunk& c, int nb);
 
-template <> inline void decode<Q4_0>(const uint8_t* p, Chunk& c) {
+// Blocks 2v and 2v + 1 of a chunk (stride B, 4-bit values at offset at) -> c.u[v].
+template <int B, int at>
+inline void nibbles_chunk(const uint8_t* p, Chunk& c, int nb) {
+  for (int v = 0; v < 4; ++v)
+    if (2 * v < nb) c.u[v] = nibbles_2blocks(p + 2 * v * B + at, 2 * v + 1 < nb ? p + (2 * v + 1) * B + at : nullptr);
+}
+
+template <> inline void decode<Q4_0>(const uint8_t* p, Chunk& c, int nb) {
   constexpr int B = 18;
-  for (int s = 0; s < 4; ++s) c.u[s] = nibbles_2blocks(p + 2 * s * B + 2, p + (2 * s + 1) * B + 2);
-  c.a = halves8(p, B);
+  nibbles_chunk<B, 2>(p, c, nb);
+  c.a = low_halves(block_words(p, B, nb));
   c.c = _mm512_mul_ps(c.a, _mm512_set1_ps(-8.f));
 }
 
-template <> inline void decode<Q4_1>(const uint8_t* p, Chunk& c) {
+template <> inline void decode<Q4_1>(const uint8_t* p, Chunk& c, int nb) {
   constexpr int B = 20;
-  for (int s = 0; s < 4; ++s) c.u[s] = nibbles_2blocks(p + 2 * s * B + 4, p + (2 * s + 1) * B + 4);
-  c.a = halves8(p, B);
-  c.c = halves8(p + 2, B);
+  nibbles_chunk<B, 4>(p, c, nb);
+  const __m256i dm = block_words(p, B, nb);
+  c.a = low_halves(dm);
+  c.c = high_halves(dm);
 }
 
-template <> inline void decode<Q5_0>(const uint8_t* p, Chunk& c) {
-  constexpr int B = 22;
-  for (int s = 0; s < 4; ++s) {
-    const uint8_t* b0 = p + 2 * s * B;
-    const uint8_t* b1 = b0 + B;
-    const uint64_t high = ld32(b0 + 2) | static_cast<uint64_t>(ld32(b1 + 2)) << 32;
-    c.u[s] = add_where(nibbles_2blocks(b0 + 6, b1 + 6), high, 16);
+// Q5_0 / Q5_1: 32 high bits per block at offset `at`; the words of blocks 2v, 2v + 1 make
+// the 64-bit mask of vector v (plain loads: cheaper here than a second gather).
+template <int B, int at>
+inline void add_high_bits_5(const uint8_t* p, Chunk& c, int nb) {
+  for (int v = 0; v < 4; ++v) {
+    if (2 * v >= nb) break;
+    const uint64_t hi = 2 * v + 1 < nb ? ld32(p + (2 * v + 1) * B + at) : 0;
+    c.u[v] = add_where(c.u[v], ld32(p + 2 * v * B + at) | hi << 32, 16);
   }
-  c.a = halves8(p, B);
+}
+
+template <> inline void decode<Q5_0>(const uint8_t* p, Chunk& c, int nb) {
+  constexpr int B = 22;
+  nibbles_chunk<B, 6>(p, c, nb);
+  add_high_bits_5<B, 2>(p, c, nb);
+  c.a = low_halves(block_words(p, B, nb));
   c.c = _mm512_mul_ps(c.a, _mm512_set1_ps(-16.f));
 }
 
-template <> inline void decode<Q5_1>(const uint8_t* p, Chunk& c) {
+template <> inline void decode<Q5_1>(const uint8_t* p, Chunk& c, int nb) {
   constexpr int B = 24;
-  for (int s = 0; s < 4; ++s) {
-    const uint8_t* b0 = p + 2 * s * B;
-    const uint8_t* b1 = b0 + B;
-    const uint64_t high = ld32(b0 + 4) | static_cast<uint64_t>(ld32(b1 + 4)) << 32;
-    c.u[s] = add_where(nibbles_2blocks(b0 + 8, b1 + 8), high, 16);
-  }
-  c.a = halves8(p, B);
-  c.c = halves8(p + 2, B);
+  nibbles_chunk<B, 8>(p, c, nb);
+  add_high_bits_5<B, 4>(p, c, nb);
+  const __m256i dm = block_words(p, B, nb);
+  c.a = low_halves(dm);
+  c.c = high_halves(dm);
 }
 
-template <> inline void decode<Q8_0>(const uint8_t* p, Chunk& c) {
+template <> inline void decode<Q8_0>(const uint8_t* p, Chunk& c, int nb) {
   constexpr int B = 34;
-  for (int s = 0; s < 4; ++s) {
-    const __m512i w = join(load256(p + 2 * s * B + 2), load256(p + (2 * s + 1) * B + 2));
+  for (int v = 0; v < 4; ++v) {
+    if (2 * v >= nb) break;
+    const __m256i hi = 2 * v + 1 < nb ? load256(p + (2 * v + 1) * B + 2) : _mm256_setzero_si256();
+    const __m512i w = join(load256(p + 2 * v * B + 2), hi);
     // VNNI: u = w + 128 as a byte, and c = -128 a takes the offset back out (exactly,
     // since the activation sums are of the same q). Otherwise the dot takes signed w.
-    c.u[s] = YQ_VNNI ? _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80))) : w;
+    c.u[v] = YQ_VNNI ? _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80))) : w;
   }
-  c.a = halves8(p, B);
+  c.a = low_halves(block_words(p, B, nb));
   c.c = YQ_VNNI ? _mm512_mul_ps(c.a, _mm512_set1_ps(-128.f)) : _mm512_setzero_ps();
 }
 
@@ -139,18 +159,18 @@ inline void k4_affine(const uint8_t* p, Chunk& c) {
   c.c = zext8(_mm256_mul_ps(_mm256_set1_ps(-half(p + 2)), u8x8_to_ps(mn)));
 }
 
-template <> inline void decode<Q4_K>(const uint8_t* p, Chunk& c) {
+template <> inline void decode<Q4_K>(const uint8_t* p, Chunk& c, int) {
   k4_affine(p, c);
   for (int s = 0; s < 4; ++s) c.u[s] = nibbles_64(p + 16 + 32 * s);
 }
 
-template <> inline void decode<Q5_K>(const uint8_t* p, Chunk& c) {
+template <> inline void decode<Q5_K>(const uint8_t* p, Chunk& c, int) {
   k4_affine(p, c);
   const __m256i qh = load256(p + 16);
   for (int s = 0; s < 4; ++s) c.u[s] = add_where(nibbles_64(p + 48 + 32 * s), bit_pair_mask(qh, 2 * s), 16);
 }
 
-template <> inline void decode<Q6_K>(const uint8_t* p, Chunk& c) {
+template <> inline void decode<Q6_K>(const uint8_t* p, Chunk& c, int) {
   const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load128(p + 192)));
   c.a = _mm512_mul_ps(_mm512_set1_ps(half(p + 208)), sc);
   c.c = _mm512_mul_ps(c.a, _mm512_set1_ps(-32.f));
@@ -166,7 +186,7 @@ template <> inline void decode<Q6_K>(const uint8_t* p, Chunk& c) {
   }
 }
 
-template <> inline void decode<Q3_K>(const uint8_t* p, Chunk& c) {
+template <> inline void decode<Q3_K>(const uint8_t* p, Chunk& c, int) {
   alignas(16) int8_t sc[16];
   unpack_q3k_scales(p + 96, sc);
   c.a = _mm512_mul_ps(_mm512_set1_ps(half(p + 108)),
@@ -177,7 +197,7 @@ template <> inline void decode<Q3_K>(const uint8_t* p, Chunk& c) {
     c.u[s] = add_where(crumbs_64(p + 32 + 32 * (s >> 1), 4 * (s & 1)), bit_pair_mask(hmask, 2 * s), 4);
 }
 
-template <> inline void decode<Q2_K>(const uint8_t* p, Chunk& c) {
+template <> inline void decode<Q2_K>(const uint8_t* p, Chunk& c, int) {
   const __m128i sc = load128(p);
   const __m128i lo = _mm_and_si128(sc, _mm_set1_epi8(0x0F));
   const __m128i hi = _mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(0x0F));
@@ -220,52 +240,68 @@ struct Kern {
     return NG == 8 ? zext8(_mm256_loadu_ps(p)) : _mm512_loadu_ps(p);
   }
 
-  template <int MB>
-  static void rows(const Job& j, int64_t n, int64_t m0) {
+  // One chunk of R weight rows against MB rows of x, into acc. Of a row's partial last
+  // chunk (blocks of 32 only) only the blocks there are read, and their vectors dotted.
+  template <bool Whole, int R, int MB>
+  __attribute__((always_inline)) static inline void chunk(const Job& j, const uint8_t* const* w, int64_t ch, const int8_t* xq,
+                           const float* dg, const float* sg, int64_t gpr, const __m512i* idx,
+                           __m512 (*acc)[MB]) {
     constexpr int CB = chunk_bytes<QT>();
+    const int64_t kp = j.x.kp;
+    const int nb = Whole ? 8 : static_cast<int>(j.tail_bytes / Format<QT>::bytes);
+    const int nv = Whole ? 4 : (nb + 1) / 2;
+    for (int r = 0; r < R; ++r) {
+      Chunk c;
+      decode<QT>(w[r] + ch * CB, c, nb);
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* x = xq + m * kp + ch * kChunk;
+        const __m512 sc = _mm512_mul_ps(c.a, group_floats(dg + m * gpr + ch * NG));
+        __m512 am = _mm512_fmadd_ps(c.c, group_floats(sg + m * gpr + ch * NG), acc[r][m]);
+        for (int v = 0; v < nv; ++v) {
+          const __m512i xv = load512(x + 64 * v);
+          const __m512i i = kSigned ? dot_signed(c.u[v], xv) : dot(c.u[v], xv);
+          am = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_permutexvar_ps(idx[v], sc), am);
+        }
+        acc[r][m] = am;
+      }
+    }
+  }
+
+  // R weight rows at once, against MB rows of x: each chunk of x is fetched into L1 once
+  // per R weight rows (with long rows x does not stay in L1 from one weight row to the
+  // next, and for M > 1 it outweighs the weights).
+  template <int R, int MB>
+  static void rows(const Job& j, int64_t n, int64_t n_end, int64_t m0) {
     const int64_t kp = j.x.kp, gpr = kp / (256 / NG);  // groups per row of x
     const float* dg = (NG == 8 ? j.x.d32 : j.x.d16) + m0 * gpr;
     const float* sg = (NG == 8 ? j.x.s32 : j.x.s16) + m0 * gpr;
     const int8_t* xq = j.x.q + m0 * kp;
-    const uint8_t* w = j.w + n * j.row_bytes;
-    const __m512i idx0 = spread(0), idx1 = spread(1), idx2 = spread(2), idx3 = spread(3);
-    __m512 acc[MB];
-    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-    alignas(64) uint8_t tail[CB];
-    for (int64_t ch = 0; ch < j.chunks; ++ch) {
-      const uint8_t* p = w + ch * CB;
-      if (j.tail_bytes && ch == j.chunks - 1) {  // a partial chunk: zero blocks add nothing
-        std::memset(tail, 0, CB);
-        std::memcpy(tail, p, j.tail_bytes);
-        p = tail;
-      }
-      Chunk c;
-      decode<QT>(p, c);
-      for (int m = 0; m < MB; ++m) {
-        const int8_t* x = xq + m * kp + ch * kChunk;
-        const __m512 sc = _mm512_mul_ps(c.a, group_floats(dg + m * gpr + ch * NG));
-        __m512 am = _mm512_fmadd_ps(c.c, group_floats(sg + m * gpr + ch * NG), acc[m]);
-        const __m512i i0 = kSigned ? dot_signed(c.u[0], load512(x)) : dot(c.u[0], load512(x));
-        const __m512i i1 = kSigned ? dot_signed(c.u[1], load512(x + 64)) : dot(c.u[1], load512(x + 64));
-        const __m512i i2 = kSigned ? dot_signed(c.u[2], load512(x + 128)) : dot(c.u[2], load512(x + 128));
-        const __m512i i3 = kSigned ? dot_signed(c.u[3], load512(x + 192)) : dot(c.u[3], load512(x + 192));
-        am = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_permutexvar_ps(idx0, sc), am);
-        am = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_permutexvar_ps(idx1, sc), am);
-        am = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i2), _mm512_permutexvar_ps(idx2, sc), am);
-        am = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i3), _mm512_permutexvar_ps(idx3, sc), am);
-        acc[m] = am;
-      }
+    int64_t nr[R];
+    const uint8_t* w[R];
+    for (int r = 0; r < R; ++r) {
+      nr[r] = n + r < n_end ? n + r : n_end - 1;
+      w[r] = j.w + nr[r] * j.row_bytes;
     }
-    const float b = j.bias ? j.bias[n] : 0.f;
-    for (int m = 0; m < MB; ++m) j.y[(m0 + m) * j.ldy + n] = _mm512_reduce_add_ps(acc[m]) + b;
+    const __m512i idx[4] = {spread(0), spread(1), spread(2), spread(3)};
+    __m512 acc[R][MB];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+    const int64_t full = j.tail_bytes ? j.chunks - 1 : j.chunks;
+    for (int64_t ch = 0; ch < full; ++ch) chunk<true, R, MB>(j, w, ch, xq, dg, sg, gpr, idx, acc);
+    if (full < j.chunks) chunk<false, R, MB>(j, w, full, xq, dg, sg, gpr, idx, acc);
+    for (int r = 0; r < R; ++r) {
+      const float b = j.bias ? j.bias[nr[r]] : 0.f;
+      for (int m = 0; m < MB; ++m) j.y[(m0 + m) * j.ldy + nr[r]] = _mm512_reduce_add_ps(acc[r][m]) + b;
+    }
   }
 
-  static void row(int mb, const Job& j, int64_t n, int64_t m0) {
+  // 4 weight rows for up to 4 rows of x, 2 for 8: at most 16 accumulators.
+  static int row(int mb, const Job& j, int64_t n, int64_t n_end, int64_t m0) {
     switch (mb) {
-      case 1: rows<1>(j, n, m0); break;
-      case 2: rows<2>(j, n, m0); break;
-      case 4: rows<4>(j, n, m0); break;
-      default: rows<8>(j, n, m0); break;
+      case 1: rows<4, 1>(j, n, n_end, m0); return 4;
+      case 2: rows<4, 2>(j, n, n_end, m0); return 4;
+      case 4: rows<4, 4>(j, n, n_end, m0); return 4;
+      default: rows<2, 8>(j, n, n_end, m0); return 2;
     }
   }
 };

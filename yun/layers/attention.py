@@ -23,6 +23,10 @@ DecodeFn = Callable[..., torch.Tensor]
 _decode_kernel: DecodeFn | None = None
 
 
+def decode_backend_name() -> str:
+    return "native" if _decode_kernel is not None else "torch"
+
+
 def set_decode_backend(fn: DecodeFn | None) -> None:
     global _decode_kernel
     _decode_kernel = fn

@@ -27,6 +27,10 @@ def set_bf16_backend(kernels: tuple[SkinnyFn, SkinnyFn] | None) -> None:
     _bf16_kernels = kernels
 
 
+def bf16_backend_name() -> str:
+    return "native" if _bf16_kernels is not None else "torch"
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, in] -> [T, out]; same result as F.linear up to float rounding."""
     kernels = _bf16_kernels
