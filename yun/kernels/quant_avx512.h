@@ -27,6 +27,12 @@ inline __m256i block_words(const uint8_t* p, int B, int nb) {
                                       reinterpret_cast<const int*>(p), 1);
 }
 
+// The halves at p + i * B of the chunk's nb blocks (zero past them) -> lanes 0-7.
+inline __m512 block_halves(const uint8_t* p, int B, int nb) {
+  auto h = [&](int i) { return static_cast<short>(i < nb ? ld16(p + i * B) : 0); };
+  return zext8(_mm256_cvtph_ps(_mm_setr_epi16(h(0), h(1), h(2), h(3), h(4), h(5), h(6), h(7))));
+}
+
 // The low (or high) halves of 8 words -> floats in lanes 0-7 (lanes 8-15 zero).
 inline __m512 low_halves(__m256i w) { return zext8(_mm256_cvtph_ps(_mm256_cvtepi32_epi16(w))); }
 inline __m512 high_halves(__m256i w) { return low_halves(_mm256_srli_epi32(w, 16)); }
@@ -98,7 +104,7 @@ inline void nibbles_chunk(const uint8_t* p, Chunk& c, int nb) {
 template <> inline void decode<Q4_0>(const uint8_t* p, Chunk& c, int nb) {
   constexpr int B = 18;
   nibbles_chunk<B, 2>(p, c, nb);
-  c.a = low_halves(block_words(p, B, nb));
+  c.a = block_halves(p, B, nb);
   c.c = _mm512_mul_ps(c.a, _mm512_set1_ps(-8.f));
 }
 
@@ -125,7 +131,7 @@ template <> inline void decode<Q5_0>(const uint8_t* p, Chunk& c, int nb) {
   constexpr int B = 22;
   nibbles_chunk<B, 6>(p, c, nb);
   add_high_bits_5<B, 2>(p, c, nb);
-  c.a = low_halves(block_words(p, B, nb));
+  c.a = block_halves(p, B, nb);
   c.c = _mm512_mul_ps(c.a, _mm512_set1_ps(-16.f));
 }
 
@@ -148,7 +154,7 @@ template <> inline void decode<Q8_0>(const uint8_t* p, Chunk& c, int nb) {
     // since the activation sums are of the same q). Otherwise the dot takes signed w.
     c.u[v] = YQ_VNNI ? _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80))) : w;
   }
-  c.a = low_halves(block_words(p, B, nb));
+  c.a = block_halves(p, B, nb);
   c.c = YQ_VNNI ? _mm512_mul_ps(c.a, _mm512_set1_ps(-128.f)) : _mm512_setzero_ps();
 }
 

@@ -41,23 +41,45 @@ def _has_magic(path: str) -> bool:
         return False
 
 
+class _UnknownType(ValueError):
+    pass
+
+
+def _reader_class() -> type:
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    class Reader(GGUFReader):
+        """gguf's reader, naming the tensor whose type it does not know."""
+
+        def _build_tensors(self, start_offs: int, fields: list) -> None:
+            known = {int(t) for t in GGMLQuantizationType}
+            for field in fields:
+                raw = int(field.parts[4][0])
+                if raw not in known:
+                    name = bytes(field.parts[1]).decode("utf-8", "replace")
+                    raise _UnknownType(f"tensor {name!r} has unknown type {raw}")
+            super()._build_tensors(start_offs, fields)
+
+    return Reader
+
+
 class GGUFFile:
     """Metadata and tensors of one GGUF file (tensor data stays in the file's mapping)."""
 
     def __init__(self, path: str):
-        from gguf import GGUFReader
-
         self.path = path
         if not os.path.isfile(path):
             raise CheckpointError(f"{path}: no such file")
         if not _has_magic(path):
             raise CheckpointError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
         try:
-            self.reader = GGUFReader(path, "c")  # copy-on-write: writable views, file untouched
-        except ValueError as e:
-            raise CheckpointError(f"{path}: unreadable GGUF file ({_unknown_type(e) or e})") from e
-        except (IndexError, OverflowError, TypeError, KeyError) as e:
-            raise CheckpointError(f"{path}: truncated or corrupt GGUF file ({e})") from e
+            self.reader = _reader_class()(path, "c")  # copy-on-write views; file untouched
+        except _UnknownType as e:
+            raise CheckpointError(f"{path}: {e}") from e
+        except (ValueError, IndexError, OverflowError, TypeError, KeyError) as e:
+            size = os.path.getsize(path)
+            raise CheckpointError(f"{path}: truncated or corrupt GGUF file ({size} bytes; "
+                                  f"reading it failed with: {e})") from e
         self.tensors = {t.name: t for t in self.reader.tensors}
         end = max((int(t.data_offset) + int(t.n_bytes) for t in self.reader.tensors), default=0)
         if end > os.path.getsize(path):
@@ -96,13 +118,6 @@ class GGUFFile:
         (F16 widened exactly; quantized weights stay quantized and compute in float32)."""
         kinds = {t.tensor_type.name for t in self.reader.tensors if len(t.shape) >= 2}
         return "bfloat16" if kinds == {"BF16"} else "float32"
-
-
-def _unknown_type(e: Exception) -> str | None:
-    text = str(e)
-    if "is not a valid GGMLQuantizationType" in text:
-        return f"unknown tensor type {text.split()[0]}"
-    return None
 
 
 @functools.lru_cache(maxsize=2)

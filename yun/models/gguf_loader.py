@@ -18,9 +18,11 @@ import warnings
 from typing import Iterator
 
 import torch
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from yun.config import ModelConfig
+from yun.layers import quantized
 from yun.layers.quant_linear import FLOAT_TYPES, QuantTensor
 from yun.models.errors import CheckpointError
 from yun.models.gguf_file import GGUFFile, open_gguf
@@ -67,6 +69,11 @@ def quant_tensor(gf: GGUFFile, name: str) -> QuantTensor:
     t = gf.tensors[name]
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # torch order
     qtype = int(t.tensor_type)
+    if qtype not in FLOAT_TYPES and qtype not in quantized.supported_qtypes():
+        raise CheckpointError(
+            f"{gf.path}: tensor {name!r} has type {t.tensor_type.name}, which yun does not "
+            "support; supported: F32, F16, BF16, "
+            + ", ".join(GGMLQuantizationType(q).name for q in quantized.supported_qtypes()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numpy memmap -> torch: shared, that is the point
         data = torch.from_numpy(t.data)
