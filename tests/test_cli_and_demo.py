@@ -77,7 +77,7 @@ def test_help_explains_every_flag():
 
 def test_bad_model_path_is_a_clear_error():
     r = run_cli("generate", "--model", "/nonexistent/model", "hi")
-    assert r.returncode == 2 and "no such model folder" in r.stderr
+    assert r.returncode == 2 and "no such model file or folder" in r.stderr
 
 
 def test_chat_cli_multi_turn(qwen2_path):
