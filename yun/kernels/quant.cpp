@@ -447,6 +447,11 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K,
   // Decode: small tiles spread the rows evenly over threads. Many rows: larger tiles, so
   // the activation (re-read once per tile) is read fewer times.
   j.n_tile = M <= 8 ? 16 : 64;
+  // Measured on Zen 4: prefetching doubles the speed of long rows (Q4_K K=6144: 10 -> 20
+  // GB/s), where 4 row streams at once defeat the hardware prefetcher, and slows short ones
+  // (Q8_0 K=576: 18 -> 13 GB/s), which it follows well. Many rows of x: the weights are in
+  // cache after the first block of rows.
+  j.prefetch = M <= 8 && j.row_bytes >= 768;
   const int64_t tiles = (N + j.n_tile - 1) / j.n_tile;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     path.run(j, static_cast<int>(qtype), t0 * j.n_tile, std::min(N, t1 * j.n_tile));

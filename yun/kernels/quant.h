@@ -111,6 +111,7 @@ struct Job {
   float* y;            // [M, ldy]
   int64_t ldy;
   const float* bias;   // [N] or null
+  bool prefetch;       // software-prefetch the weights (decode: they come from memory)
   int64_t n_tile;      // weight rows per tile: a tile stays in cache while every block of
                        // rows of x goes over it
 };

@@ -1,0 +1,117 @@
+"""Quantized matmul microbenchmark: the native kernels (each code path this CPU runs) against
+torch's float32 F.linear on the dequantized weight, at decode (M=1: GB/s of quantized weight
+streamed) and prefill (M=16/64/512: GFLOP/s) shapes.
+
+    .venv/bin/python scripts/bench_quant.py [--isa avx512-vnni avx2] [--threads 2] [--quick]
+
+Weights are random (valid blocks), so nothing is downloaded. Each number is the best of
+timed calls filling ~0.2 s; the whole run takes well under a minute. A K-quant needs K to be
+a multiple of 256, so 4864x896 and 49152x576 (N x K) run Q4_K on the transposed shapes,
+896x4864 and 576x49152: the same weight bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from yun import kernels
+from yun.kernels import cpu
+from yun.layers.quantized import QT, block_info, dequantize
+
+
+def weight(qtype: QT, n: int, k: int) -> torch.Tensor:
+    """Random valid blocks: random bytes with small fp16 scale fields."""
+    rng = np.random.default_rng(0)
+    bs, ts = block_info(qtype)
+    blocks = rng.integers(0, 256, size=(n, k // bs, ts), dtype=np.uint8)
+    fields = {QT.Q8_0: (0,), QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2),
+              QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2),
+              QT.Q6_K: (208,)}[qtype]
+    for off in fields:
+        scale = rng.uniform(1e-3, 1e-2, size=(n, k // bs)).astype(np.float16)
+        blocks[:, :, off:off + 2] = scale.view(np.uint8).reshape(n, k // bs, 2)
+    return torch.from_numpy(blocks.reshape(n, -1))
+
+
+def seconds(fn, budget: float = 0.2) -> float:
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < budget or len(times) < 3:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)  # the machine may be shared: the best run is the least disturbed
+
+
+def decode_rows(mod, isas: list[str]) -> None:
+    print("\nM=1 (decode): GB/s of weight bytes streamed (quantized; fp32 for torch)")
+    shapes = [(4864, 896), (49152, 576)]
+    print(f"{'type':6} {'N x K':>12} {'MB':>6} " + " ".join(f"{i:>12}" for i in isas)
+          + f" {'torch fp32':>12}")
+    for qtype in (QT.Q4_K, QT.Q8_0, QT.Q4_1):
+        for n, k in shapes:
+            if k % block_info(qtype)[0]:
+                n, k = k, n  # K-quants: the transposed shape, same bytes
+            data = weight(qtype, n, k)
+            x = torch.randn(1, k)
+            cells = []
+            for isa in isas:
+                t = seconds(lambda: mod.matmul(x, data, int(qtype), k, None, isa))
+                cells.append(f"{data.numel() / t / 1e9:12.1f}")
+            w = dequantize(data, qtype, k)
+            t = seconds(lambda: F.linear(x, w))
+            print(f"{qtype.name:6} {f'{n}x{k}':>12} {data.numel() / 1e6:6.2f} " + " ".join(cells)
+                  + f" {w.numel() * 4 / t / 1e9:12.1f}")
+
+
+def prefill_rows(mod, isas: list[str], ms: list[int]) -> None:
+    print("\nprefill: GFLOP/s (2*M*N*K / time); 'deq+mm' = dequantize (torch) then fp32 "
+          "F.linear, 'fp32' = F.linear on an already dequantized weight")
+    n, k = 896, 4864
+    print(f"{'type':6} {'M':>4} " + " ".join(f"{i:>12}" for i in isas)
+          + f" {'deq+mm':>8} {'fp32':>8}")
+    for qtype in (QT.Q4_K, QT.Q8_0):
+        data = weight(qtype, n, k)
+        w = dequantize(data, qtype, k)
+        for m in ms:
+            x = torch.randn(m, k)
+            flop = 2 * m * n * k
+            cells = []
+            for isa in isas:
+                t = seconds(lambda: mod.matmul(x, data, int(qtype), k, None, isa))
+                cells.append(f"{flop / t / 1e9:12.1f}")
+            t_deq = seconds(lambda: F.linear(x, dequantize(data, qtype, k)))
+            t_mm = seconds(lambda: F.linear(x, w))
+            print(f"{qtype.name:6} {m:4} " + " ".join(cells)
+                  + f" {flop / t_deq / 1e9:8.1f} {flop / t_mm / 1e9:8.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--isa", nargs="*", help="code paths to time (default: all this CPU runs "
+                    "but scalar)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--m", type=int, nargs="*", default=[16, 64, 512], help="prefill rows")
+    ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--no-prefill", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    mod = kernels.quant()
+    if mod is None:
+        raise SystemExit("the native quantized kernels did not build here")
+    isas = args.isa or [i for i in mod.isas() if i != "scalar"]
+    print(cpu.describe(isas[0]), f"| threads {args.threads}")
+    if not args.no_decode:
+        decode_rows(mod, isas)
+    if not args.no_prefill:
+        prefill_rows(mod, isas, args.m)
+
+
+if __name__ == "__main__":
+    main()
