@@ -91,3 +91,196 @@ def test_torch_fallback_matmul_is_dequantize_then_float32_linear():
     y = qmod.quant_matmul(x.bfloat16(), data, QT.Q5_1, 64)
     assert y.dtype == torch.bfloat16 and y.shape == (3, 12)
     assert qmod.quant_backend_name() == "torch"
+
+
+# --- native kernels ---------------------------------------------------------------------------
+
+from yun import kernels  # noqa: E402
+from yun.kernels import cpu  # noqa: E402
+
+native = kernels.quant()
+needs_native = pytest.mark.skipif(native is None, reason="no compiler here")
+PATHS = list(native.isas()) if native is not None else []
+
+# Shapes: N not a multiple of the 4-row pass or the 16/64-row tiles; K with a partial last
+# chunk for blocks of 32 (224 = 7 blocks, 896 = 3.5 chunks), two or three chunks for K-quants.
+SHAPES_32 = [(1, 37, 224), (3, 21, 896), (7, 6, 64), (33, 70, 288)]
+SHAPES_256 = [(1, 37, 512), (3, 21, 768), (7, 6, 256), (33, 70, 512)]
+
+
+def shapes(qtype: QT) -> list[tuple[int, int, int]]:
+    return SHAPES_32 if block_info(qtype)[0] == 32 else SHAPES_256
+
+
+def reference(x: torch.Tensor, data: np.ndarray, qtype: QT, bias: torch.Tensor | None,
+              isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 products of the dequantized weight with x itself, and with x as the kernels
+    quantize it (int8 blocks of 32, one scale each): the second is what they compute."""
+    k = x.shape[1]
+    w = torch.from_numpy(gguf_dequantize(data, qtype)).double()  # [N, K]
+    q, d = native.quantize_activation(x, k, isa)
+    x_hat = q[:, :k].double() * d.double().repeat_interleave(32, dim=1)[:, :k]
+    b = 0 if bias is None else bias.double()
+    return x.double() @ w.T + b, x_hat @ w.T + b
+
+
+@needs_native
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
+def test_native_matmul_matches_float64_references(qtype, isa):
+    for i, (m, n, k) in enumerate(shapes(qtype)):
+        data = random_weight(qtype, n, k, seed=i)
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(m, k, generator=g)
+        bias = torch.randn(n, generator=g) if i % 2 else None
+        y = native.matmul(x, torch.from_numpy(data), int(qtype), k, bias, isa)
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        exact, of_quantized_x = reference(x, data, qtype, bias, isa)
+        scale = of_quantized_x.abs().max().item()
+        # Against what the kernel computes: only float32 rounding (sums of a few hundred
+        # products: ~1e-6 relative); a wrong scale, group or offset is off by >1e-2.
+        err = (y.double() - of_quantized_x).abs().max().item()
+        assert err <= 2e-5 * scale, (qtype.name, isa, m, n, k, err, scale)
+        # Against x itself: int8 blocks of 32 with d = max|x| / 127 round each value by up
+        # to d / 2, ~0.5% of the product's norm for gaussian x (measured 4-8e-3); 2% bound.
+        rel = ((y.double() - exact).norm() / exact.norm()).item()
+        assert rel <= 2e-2, (qtype.name, isa, m, n, k, rel)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", PATHS)
+def test_every_path_quantizes_the_activation_to_the_same_bits(isa):
+    x = torch.randn(5, 896) * torch.logspace(-3, 3, 896)  # blocks of very different scales
+    x[2, 64:96] = 0  # an all-zero block
+    q, d = native.quantize_activation(x, 896, isa)
+    q0, d0 = native.quantize_activation(x, 896, "scalar")
+    assert torch.equal(q, q0) and torch.equal(d.view(torch.int32), d0.view(torch.int32))
+    assert q.shape == (5, 1024) and q[:, 896:].abs().sum() == 0  # padded to whole chunks
+    assert q.abs().max() == 127 and d[2, 2] == 0
+
+
+@needs_native
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q5_1, QT.Q8_0], ids=lambda t: t.name)
+def test_partial_chunks_read_no_byte_past_their_row(qtype, isa):
+    """The last row's partial chunk sits right before bytes that would poison the result
+    (0xFF: nan half scales) if a kernel read them."""
+    n, k = 9, 7 * 32
+    good = random_weight(qtype, n, k)
+    flat = np.full(good.size + 4096, 0xFF, dtype=np.uint8)
+    flat[:good.size] = good.ravel()
+    data = torch.from_numpy(flat)[:good.size].view(n, -1)
+    x = torch.randn(2, k)
+    y = native.matmul(x, data, int(qtype), k, None, isa)
+    _, want = reference(x, good, qtype, None, isa)
+    assert torch.isfinite(y).all()
+    assert (y.double() - want).abs().max() <= 2e-5 * want.abs().max()
+
+
+@needs_native
+@pytest.mark.parametrize("isa", PATHS)
+def test_bfloat16_activations_give_bfloat16_outputs_of_the_same_product(isa):
+    data = torch.from_numpy(random_weight(QT.Q4_K, 40, 512))
+    x = torch.randn(3, 512).bfloat16()
+    bias = torch.randn(40)
+    y = native.matmul(x, data, int(QT.Q4_K), 512, bias, isa)
+    want = native.matmul(x.float(), data, int(QT.Q4_K), 512, bias, isa)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, want.bfloat16())  # one rounding of the same float32 result
+
+
+@needs_native
+def test_an_inf_or_nan_in_x_makes_only_its_rows_outputs_nan():
+    data = torch.from_numpy(random_weight(QT.Q8_0, 10, 64))
+    x = torch.randn(3, 64)
+    x[1, 5] = float("inf")
+    for isa in PATHS:
+        y = native.matmul(x, data, int(QT.Q8_0), 64, None, isa)
+        assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all(), isa
+
+
+@needs_native
+def test_native_kernel_rejects_bad_inputs():
+    data = torch.from_numpy(random_weight(QT.Q4_0, 4, 64))
+    with pytest.raises(RuntimeError, match="bytes per row"):
+        native.matmul(torch.randn(1, 96), data, int(QT.Q4_0), 96, None, "scalar")
+    with pytest.raises(RuntimeError, match="unknown quantized matmul path"):
+        native.matmul(torch.randn(1, 64), data, int(QT.Q4_0), 64, None, "avx9000")
+    with pytest.raises(RuntimeError, match="no native kernel"):
+        native.matmul(torch.randn(1, 64), data, int(QT.F16), 64, None, "scalar")
+
+
+# --- dispatch ---------------------------------------------------------------------------------
+
+class Spy:
+    """The extension module, recording which path each matmul took."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, []
+
+    def isas(self):
+        return self.module.isas()
+
+    def matmul(self, x, w, qtype, k, bias, isa):
+        self.calls.append((isa, tuple(x.shape)))
+        return self.module.matmul(x, w, qtype, k, bias, isa)
+
+
+@pytest.fixture
+def restore_backend():
+    yield
+    qmod.set_quant_backend(None)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", PATHS)
+def test_set_quant_backend_forces_each_path_and_none_falls_back_to_torch(isa, restore_backend):
+    data = torch.from_numpy(random_weight(QT.Q6_K, 24, 256))
+    x = torch.randn(2, 3, 256)  # leading dims are kept
+    bias = torch.randn(24)
+    spy = Spy(native)
+    qmod.set_quant_backend(spy, isa=isa)
+    assert qmod.quant_backend_name() == isa
+    y = qmod.quant_matmul(x, data, QT.Q6_K, 256, bias)
+    assert spy.calls == [(isa, (6, 256))] and y.shape == (2, 3, 24)
+    w = dequantize(data, QT.Q6_K, 256)
+    want = torch.nn.functional.linear(x, w, bias)
+    assert ((y - want).norm() / want.norm()).item() <= 2e-2
+    qmod.set_quant_backend(None)
+    assert qmod.quant_backend_name() == "torch"
+    assert torch.equal(qmod.quant_matmul(x, data, QT.Q6_K, 256, bias), want)
+    assert len(spy.calls) == 1
+
+
+@needs_native
+def test_default_backend_path_is_the_best_this_cpu_runs(restore_backend):
+    qmod.set_quant_backend(native)
+    assert qmod.quant_backend_name() == PATHS[0]
+    if cpu.cpu_features() or PATHS == ["scalar"]:  # /proc/cpuinfo readable
+        assert cpu.quant_path() == PATHS[0]
+    assert cpu.describe(PATHS[0]).endswith(f"quantized matmul: {PATHS[0]}")
+    with pytest.raises(ValueError, match="cannot run on this CPU"):
+        qmod.set_quant_backend(native, isa="avx9000")
+
+
+@needs_native
+def test_native_backend_is_used_only_for_cpu_tensors(restore_backend):
+    spy = Spy(native)
+    qmod.set_quant_backend(spy)
+    data = torch.from_numpy(random_weight(QT.Q8_0, 8, 32))
+    qmod.quant_matmul(torch.randn(1, 32), data, QT.Q8_0, 32)
+    assert len(spy.calls) == 1
+    with pytest.raises(ValueError, match="K=32"):
+        qmod.quant_matmul(torch.randn(1, 64), data, QT.Q8_0, 32)
+
+
+def test_paths_by_cpu_features():
+    assert cpu.quant_path(frozenset()) == "scalar"
+    assert cpu.quant_path(frozenset({"avx2", "fma", "f16c"})) == "avx2"
+    assert cpu.quant_path(frozenset({"avx2", "fma", "f16c", "avx_vnni"})) == "avx2-vnni"
+    avx512 = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"}
+    assert cpu.quant_path(frozenset(avx512)) == "avx512"
+    assert cpu.quant_path(frozenset(avx512 | {"avx512_vnni"})) == "avx512-vnni"
+    assert cpu.quant_path(frozenset({"neon", "asimddp"})) == "scalar"
+    assert cpu._amd_core(25, 17) == "Zen 4" and cpu._amd_core(25, 1) == "Zen 3"
+    assert cpu._amd_core(26, 2) == "Zen 5" and cpu._amd_core(23, 49) == "Zen 2"
