@@ -267,15 +267,29 @@ def quant_matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, k: int,
     With the native backend, x is quantized to int8 blocks of 32 first (one scale each):
     the result differs from the float32 product by ~1e-2 relative (see the tests).
     """
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight expects K={k}")
     backend = _backend
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)  # [M, K]
-    if backend is not None and x2.device.type == "cpu" and data.device.type == "cpu":
-        _check_data(data, qtype, k)
-        y = backend.module.matmul(x2, data, int(qtype), k, bias, backend.isa)
-    else:
-        w = dequantize(data, qtype, k)  # [N, K] float32
-        y = F.linear(x2.float(), w, None if bias is None else bias.float()).to(x.dtype)
-    return y.reshape(*lead, data.shape[0])
+    if (backend is not None and qtype in _NATIVE and x.device.type == "cpu"
+            and data.device.type == "cpu"):
+        # Decode calls this ~7 times per layer per token: the kernel validates the shapes
+        # itself, and only a failure pays for the checks that name the problem.
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [M, K]
+        try:
+            y = backend.module.matmul(x2, data, qtype, k, bias, backend.isa)
+        except RuntimeError:
+            _check_matmul(x, data, qtype, k)
+            raise
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+    _check_matmul(x, data, qtype, k)
+    w = dequantize(data, qtype, k)  # [N, K] float32
+    y = F.linear(x.float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def _check_matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, k: int) -> None:
+    _check_data(data, qtype, k)
+    if x.shape[-1] != k:
+        raise ValueError(f"{QT(int(qtype)).name}: x has {x.shape[-1]} features, "
+                         f"the weight expects K={k}")
+
+
+_NATIVE = frozenset(int(t) for t in _DEQUANT)  # the types yun/kernels/quant.cpp runs
