@@ -284,3 +284,17 @@ def test_paths_by_cpu_features():
     assert cpu.quant_path(frozenset({"neon", "asimddp"})) == "scalar"
     assert cpu._amd_core(25, 17) == "Zen 4" and cpu._amd_core(25, 1) == "Zen 3"
     assert cpu._amd_core(26, 2) == "Zen 5" and cpu._amd_core(23, 49) == "Zen 2"
+
+
+def test_quant_accessor_logs_and_returns_none_when_the_build_fails(monkeypatch, caplog):
+    def no_compiler(*args, **kwargs):
+        raise OSError("no c++ compiler")
+
+    monkeypatch.setattr(kernels, "_load_locked", no_compiler)
+    kernels.quant.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="yun.kernels"):
+            assert kernels.quant() is None
+        assert "native quantized kernels unavailable (no c++ compiler)" in caplog.text
+    finally:
+        kernels.quant.cache_clear()
