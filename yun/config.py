@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -30,6 +31,11 @@ class EngineConfig:
     dtype: str = _opt("auto", "Weights and activations dtype: auto (the checkpoint's), "
                       "float32, bfloat16, float16 (CUDA only).", choices=DTYPES)
     device: str = _opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available).")
+    quantization: str | None = _opt(
+        None, "Quantize a Hugging Face checkpoint's linear layers and embedding while "
+        "loading, into GGUF's block formats (the same in-memory form and kernels as a "
+        "quantized GGUF file): q8_0 (8-bit, near lossless), q4_0, q4_1, q5_0, q5_1. "
+        "Default: keep the checkpoint's weights.", choices=QUANTIZATIONS)
     max_model_len: int | None = _opt(
         None, "Longest sequence (prompt + output) in tokens. Default: the model's "
         "max_position_embeddings, capped by what the KV cache holds.")
@@ -61,6 +67,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, "
+                             f"got {self.quantization!r}")
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.max_num_seqs <= 0:

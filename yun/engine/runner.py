@@ -27,6 +27,7 @@ from yun.layers.quantized import set_quant_backend
 from yun.layers.context import AttentionMetadata, ForwardContext, PrefillSeq, forward_context
 from yun.models.huge_pages import place_in_huge_pages
 from yun.models.loader import load_model, resolve_dtype
+from yun.models.weight_stats import weight_summary
 from yun.outputs import PositionLogprobs
 
 if TYPE_CHECKING:
@@ -62,28 +63,6 @@ def default_kv_cache_bytes(device: torch.device) -> int:
     return int(min(avail * 0.25, 4 * 2**30))
 
 
-def weight_summary(model: torch.nn.Module) -> str:
-    """e.g. "Q4_1 x210, Q8_0 x1, F32 x61 (103 MB)": tensor types and bytes in memory."""
-    from collections import Counter
-
-    from gguf import GGMLQuantizationType
-
-    kinds: Counter[str] = Counter()
-    total = 0
-    seen: set[int] = set()
-    for m in model.modules():
-        if isinstance(m, QuantWeight) and id(m) not in seen:
-            seen.add(id(m))
-            for i, q in enumerate(m.qtypes):
-                kinds[GGMLQuantizationType(q).name] += 1
-                total += m.part(i).nbytes
-    for p in {id(p): p for p in model.parameters()}.values():
-        kinds[str(p.dtype).removeprefix("torch.")] += 1
-        total += p.numel() * p.element_size()
-    shown = ", ".join(f"{k} x{n}" for k, n in kinds.most_common())
-    return f"{shown} ({total / 1e6:.0f} MB)"
-
-
 @dataclass
 class StepInputs:
     input_ids: torch.Tensor  # [T]
@@ -102,7 +81,9 @@ class ModelRunner:
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads or default_threads())
         self.dtype = resolve_dtype(model_config, config.dtype, self.device)
-        self.model = load_model(model_config, self.dtype, self.device)
+        if config.quantization and config.dtype == "auto" and self.device.type == "cpu":
+            self.dtype = torch.float32  # as for quantized GGUF files: activations in fp32
+        self.model = load_model(model_config, self.dtype, self.device, config.quantization)
         self.tp = tp  # tensor parallelism: this rank keeps its shard of every weight
         if tp is not None:
             from yun.distributed.tp import shard_model

@@ -80,13 +80,14 @@ def load_weights(model: nn.Module, files: list[str]) -> None:
 
 
 def load_tensors(model: nn.Module, tensors: Iterable[tuple[str, str, Any]], label: str,
-                 keep_quantized: bool = False) -> None:
+                 keep_quantized: bool = False, quantize_to: str | None = None) -> None:
     """Fill `model` from (file, HF name, tensor) triples; every parameter must be filled.
 
     A tensor is a torch tensor or a `QuantTensor` (GGUF). With `keep_quantized`, quantized
     weights of `Linear` layers and of the token embedding stay quantized: those modules
     are swapped for their quantized forms once everything is read; any other quantized
-    tensor is dequantized into its parameter.
+    tensor is dequantized into its parameter. `quantize_to` (e.g. "q8_0") quantizes dense
+    weights of those same modules into that GGUF block type while loading.
     """
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
@@ -117,8 +118,11 @@ def load_tensors(model: nn.Module, tensors: Iterable[tuple[str, str, Any]], labe
         if tuple(dest.shape) != tuple(tensor.shape):
             raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                   f"expected {tuple(dest.shape)}")
+        if quantize_to and _quantizable(modules[modname], target) and tensor.dim() == 2:
+            tensor = _quantize(tensor, quantize_to, name)
         if isinstance(tensor, QuantTensor):
-            if keep_quantized and not tensor.is_float and _quantizable(modules[modname], target):
+            if ((keep_quantized or quantize_to) and not tensor.is_float
+                    and _quantizable(modules[modname], target)):
                 kept.setdefault(modname, {})[part] = tensor
                 loaded.add((target, part))
                 continue
@@ -133,6 +137,19 @@ def load_tensors(model: nn.Module, tensors: Iterable[tuple[str, str, Any]], labe
         raise CheckpointError(f"{label}: missing tensor(s) {shown} ({len(names)} missing)")
     if kept:
         _swap_quantized(model, modules, kept)
+
+
+def _quantize(tensor: torch.Tensor, kind: str, name: str) -> QuantTensor:
+    """A dense [out, in] weight -> GGUF blocks of `kind`, with gguf-py's quantizers."""
+    import gguf
+    from gguf.quants import quantize
+
+    qtype = gguf.GGMLQuantizationType[kind.upper()]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if tensor.shape[-1] % block:
+        return tensor  # rows that do not split into blocks stay dense
+    data = quantize(tensor.float().cpu().numpy(), qtype)  # uint8 [out, row_bytes]
+    return QuantTensor(int(qtype), torch.from_numpy(data), tuple(tensor.shape), name)
 
 
 def _quantizable(mod: nn.Module, target: str) -> bool:
@@ -219,14 +236,17 @@ def build_empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device
     return model
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """An HF folder or a GGUF file (cfg.path) -> the loaded model in eval mode."""
+def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+               quantization: str | None = None) -> nn.Module:
+    """An HF folder or a GGUF file (cfg.path) -> the loaded model in eval mode;
+    `quantization` quantizes an HF checkpoint's dense weights while loading."""
     if cfg.is_gguf:
         from yun.models.gguf_loader import load_gguf_model
 
         return load_gguf_model(cfg, dtype, device)
     files = checkpoint_files(cfg.path)
     model = build_empty_model(cfg, dtype, device, os.path.join(cfg.path, "config.json"))
-    load_weights(model, files)
+    load_tensors(model, iter_tensors(files), os.path.dirname(files[0]),
+                 quantize_to=quantization)
     model.eval()
     return model
