@@ -9,6 +9,11 @@ same float32 operations in the same order, per type. `quant_matmul` uses the nat
 (yun/kernels/quant.cpp: activations quantized to int8 blocks, integer dot products against
 the quantized weights) once the runner has installed them with `set_quant_backend`, and
 dequantize + F.linear in float32 otherwise.
+
+The native kernels serve every M: on Zen 4 (one thread, 896x4864) their int8 products run
+at ~120 GFLOP/s for M = 16..512 against ~90 for torch's fp32 matmul on an already
+dequantized weight, and ~70 when the dequantization is paid per call
+(scripts/bench_quant.py).
 """
 
 from __future__ import annotations
