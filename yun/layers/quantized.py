@@ -301,6 +301,8 @@ def quant_matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, k: int,
         except RuntimeError:
             _check_matmul(x, data, qtype, k)
             raise
+        if y.dtype != x.dtype:  # float16 etc.: computed from float32, returned as x's dtype
+            y = y.to(x.dtype)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
     _check_matmul(x, data, qtype, k)
     w = dequantize(data, qtype, k)  # [N, K] float32
