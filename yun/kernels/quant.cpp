@@ -205,7 +205,7 @@ struct Kern {
     float a[NG], c[NG];
     for (int64_t ch = 0; ch < j.chunks; ++ch) {
       const uint8_t* p = w + ch * CB;
-      if (j.tail_bytes && ch == j.chunks - 1) {
+      if (j.tail_bytes && ch == j.chunks - 1) {  // partial: zero blocks add nothing
         std::memset(tail, 0, CB);
         std::memcpy(tail, p, j.tail_bytes);
         p = tail;

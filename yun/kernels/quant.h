@@ -11,6 +11,9 @@
 //   W = a * u + c        (a, c: float per group)
 // so a group's contribution is  a * dx * sum(u * q)  +  c * dx * sum(q),
 // one integer dot product (the hot loop) plus a term from the activation's block sums.
+// (Q8_0 without VNNI keeps its signed bytes, c = 0, and moves their sign onto q.) Since
+// those sums are of the same q, every path gives W @ xhat up to float32 rounding; the
+// tests hold each one to that.
 #pragma once
 #include <cstdint>
 #include <cstring>
