@@ -77,7 +77,12 @@ def _load_hf(path: str, opts: TransformersOptions):
 
     torch.set_num_threads(opts.threads)
     arch = ModelConfig.load(path).architecture
-    model = getattr(transformers, arch).from_pretrained(path, dtype=getattr(torch, opts.dtype))
+    cls, dtype = getattr(transformers, arch), getattr(torch, opts.dtype)
+    if os.path.isfile(path):  # a GGUF file: transformers dequantizes it
+        model = cls.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                    gguf_file=os.path.basename(path), dtype=dtype)
+    else:
+        model = cls.from_pretrained(path, dtype=dtype)
     return model.eval()
 
 

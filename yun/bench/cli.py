@@ -174,6 +174,8 @@ def _check_peers(args: argparse.Namespace) -> None:
     """Refuse a peer that cannot run before spending time on yun's run."""
     if "llama.cpp" not in args.compare:
         return
+    if args.gguf is None and args.model and args.model.endswith(".gguf"):
+        args.gguf = args.model  # yun and llama.cpp on the same file
     if not (args.llama_server and args.gguf):
         raise ValueError("--compare llama.cpp needs --llama-server PATH and --gguf PATH")
     for path, what in ((args.llama_server, "llama-server binary"), (args.gguf, "GGUF file")):
@@ -345,7 +347,8 @@ def _add_throughput_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--llama-server", default=None, metavar="PATH",
                    help="llama.cpp's llama-server binary, for --compare llama.cpp.")
     g.add_argument("--gguf", default=None, metavar="PATH",
-                   help="The same checkpoint as a GGUF file, for --compare llama.cpp.")
+                   help="The same checkpoint as a GGUF file, for --compare llama.cpp "
+                        "(default: --model, when that is a GGUF file).")
     g.add_argument("--llama-parallel", type=int, default=None,
                    help="llama-server -np: slots decoding at once (default: 1 for the single "
                         "workload, where more slots only slow it down, else 16).")

@@ -58,6 +58,8 @@ class ModelCost:
     embedding_params: int
     hidden_size: int
     total_params: int  # as stored (tied matrices once, all experts)
+    read_bytes_per_token: int | None = None  # quantized GGUF: the blocks' real bytes
+
 
     @property
     def matmul_params_per_token(self) -> int:
@@ -66,6 +68,8 @@ class ModelCost:
     @property
     def weight_bytes_per_token(self) -> int:
         """Bytes one decode step reads: every weight once, plus one embedding row."""
+        if self.read_bytes_per_token is not None:
+            return self.read_bytes_per_token
         return (self.matmul_params_per_token + self.hidden_size) * self.bytes_per_param
 
     def flops(self, computed_prompt_tokens: int, output_tokens: int, num_requests: int) -> float:
@@ -89,6 +93,8 @@ def model_cost(folder: str, dtype: str = "auto") -> ModelCost:
 
     cfg = ModelConfig.load(folder)
     run_dtype = resolve_dtype(cfg, dtype, torch.device("cpu"))
+    if cfg.is_gguf:
+        return _gguf_cost(cfg, str(run_dtype).removeprefix("torch."))
     shapes: dict[str, tuple[list[int], str]] = {}
     for f in checkpoint_files(folder):
         shapes.update(_safetensors_shapes(f))
@@ -111,6 +117,41 @@ def model_cost(folder: str, dtype: str = "auto") -> ModelCost:
                      bytes_per_param=torch.empty((), dtype=run_dtype).element_size(),
                      layer_params=layers, lm_head_params=lm_head, embedding_params=embed,
                      hidden_size=cfg.hidden_size, total_params=total)
+
+
+def _gguf_cost(cfg: Any, run_dtype: str) -> ModelCost:
+    """Parameters and the bytes a decode step reads, from a GGUF file's tensors (quantized
+    tensors are read as stored; float ones in the dtype they run in)."""
+    from yun.models.gguf_file import open_gguf
+
+    gf = open_gguf(cfg.path)
+    share = _expert_share(cfg.hf)
+    run_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(run_dtype, 4)
+    embed = lm_head = layers = total = read = 0
+    for name, t in gf.tensors.items():
+        n = int(t.n_elements)
+        total += n
+        stored = int(t.n_bytes) if t.tensor_type.name not in ("F32", "F16", "BF16") \
+            else n * run_bytes
+        if name == "token_embd.weight":
+            embed += n
+            read += stored // max(1, cfg.vocab_size)  # one row
+            if cfg.tie_word_embeddings:
+                lm_head += n
+                read += stored
+        elif name == "output.weight":
+            lm_head += n
+            read += stored
+        elif "_exps." in name:
+            layers += round(n * share)
+            read += round(stored * share)
+        else:
+            layers += n
+            read += stored
+    return ModelCost(dtype=run_dtype, bytes_per_param=run_bytes, layer_params=layers,
+                     lm_head_params=lm_head, embedding_params=embed,
+                     hidden_size=cfg.hidden_size, total_params=total,
+                     read_bytes_per_token=read)
 
 
 def _expert_share(hf: dict[str, Any]) -> float:
