@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine: `make serve` and `make test`.
 # Both set up .venv on first use (torch==2.13.0 first and alone, so pip takes the CPU
 # wheel on a CPU machine; then yun) and skip what is already installed.
+# Another venv: `make setup VENV=/tmp/v` (CI's fresh, runtime-only one), `make serve VENV=...`.
 
 PYTHON ?= python3
 VENV := .venv
