@@ -2,7 +2,8 @@
 torch's float32 F.linear on the dequantized weight, at decode (M=1: GB/s of quantized weight
 streamed) and prefill (M=16/64/512: GFLOP/s) shapes.
 
-    .venv/bin/python scripts/bench_quant.py [--isa avx512-vnni avx2] [--threads 2] [--quick]
+    .venv/bin/python scripts/bench_quant.py [--isa avx512-vnni avx2] [--threads 2]
+        [--types Q4_K Q8_0 Q4_1] [--m 16 64 512] [--no-decode] [--no-prefill]
 
 Weights are random (valid blocks), so nothing is downloaded. Each number is the best of
 timed calls filling ~0.2 s; the whole run takes well under a minute. A K-quant needs K to be
@@ -49,12 +50,12 @@ def seconds(fn, budget: float = 0.2) -> float:
     return min(times)  # the machine may be shared: the best run is the least disturbed
 
 
-def decode_rows(mod, isas: list[str]) -> None:
+def decode_rows(mod, isas: list[str], types: list[QT]) -> None:
     print("\nM=1 (decode): GB/s of weight bytes streamed (quantized; fp32 for torch)")
     shapes = [(4864, 896), (49152, 576)]
     print(f"{'type':6} {'N x K':>12} {'MB':>6} " + " ".join(f"{i:>12}" for i in isas)
           + f" {'torch fp32':>12}")
-    for qtype in (QT.Q4_K, QT.Q8_0, QT.Q4_1):
+    for qtype in types:
         for n, k in shapes:
             if k % block_info(qtype)[0]:
                 n, k = k, n  # K-quants: the transposed shape, same bytes
@@ -98,6 +99,9 @@ def main() -> None:
                     "but scalar)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--m", type=int, nargs="*", default=[16, 64, 512], help="prefill rows")
+    ap.add_argument("--types", nargs="*", default=["Q4_K", "Q8_0", "Q4_1"],
+                    help="decode table types (e.g. all ten: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K "
+                    "Q4_K Q5_K Q6_K)")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--no-prefill", action="store_true")
     args = ap.parse_args()
@@ -108,7 +112,7 @@ def main() -> None:
     isas = args.isa or [i for i in mod.isas() if i != "scalar"]
     print(cpu.describe(isas[0]), f"| threads {args.threads}")
     if not args.no_decode:
-        decode_rows(mod, isas)
+        decode_rows(mod, isas, [QT[t] for t in args.types])
     if not args.no_prefill:
         prefill_rows(mod, isas, args.m)
 

@@ -39,9 +39,12 @@ inline __m512 high_halves(__m256i w) { return low_halves(_mm256_srli_epi32(w, 16
 
 inline float half(const uint8_t* p) { return _cvtsh_ss(ld16(p)); }
 
-inline __m256 u8x8_to_ps(const uint8_t* v) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v))));
+inline __m128i words(const Words4& v) {
+  return _mm_setr_epi32(static_cast<int>(v.w[0]), static_cast<int>(v.w[1]), static_cast<int>(v.w[2]),
+                        static_cast<int>(v.w[3]));
 }
+
+inline __m256 u8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
 
 inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
@@ -74,12 +77,13 @@ inline __m512i add_where(__m512i u, uint64_t bits, char v) {
   return _mm512_mask_add_epi8(u, _cvtu64_mask64(bits), u, _mm512_set1_epi8(v));
 }
 
-// The 64-bit mask of bit `b` of 32 bytes h, then of bit b + 1: the high bits of values
-// 0-31 and 32-63 of one vector (Q5_K, Q3_K).
-inline uint64_t bit_pair_mask(__m256i h, int b) {
-  const uint32_t lo = _cvtmask32_u32(_mm256_test_epi8_mask(h, _mm256_set1_epi8(static_cast<char>(1 << b))));
-  const uint32_t hi = _cvtmask32_u32(_mm256_test_epi8_mask(h, _mm256_set1_epi8(static_cast<char>(1 << (b + 1)))));
-  return static_cast<uint64_t>(hi) << 32 | lo;
+// Q5_K, Q3_K: hh = 32 bytes of high bits, twice. Adds v to bytes 0-31 of u where bit b of
+// their byte is set, and to bytes 32-63 where bit b + 1 is: one test, no trip through
+// general registers.
+inline __m512i add_where_bits(__m512i u, __m512i hh, int b, char v) {
+  const __m512i bits = join(_mm256_set1_epi8(static_cast<char>(1 << b)),
+                            _mm256_set1_epi8(static_cast<char>(1 << (b + 1))));
+  return _mm512_mask_add_epi8(u, _mm512_test_epi8_mask(hh, bits), u, _mm512_set1_epi8(v));
 }
 
 // Two 2-bit fields of 32 bytes q: bits [b, b+1] -> values 0-31, bits [b+2, b+3] -> 32-63.
@@ -159,10 +163,9 @@ template <> inline void decode<Q8_0>(const uint8_t* p, Chunk& c, int nb) {
 }
 
 inline void k4_affine(const uint8_t* p, Chunk& c) {
-  uint8_t sc[8], mn[8];
-  unpack_k4_scales(p + 4, sc, mn);
-  c.a = zext8(_mm256_mul_ps(_mm256_set1_ps(half(p)), u8x8_to_ps(sc)));
-  c.c = zext8(_mm256_mul_ps(_mm256_set1_ps(-half(p + 2)), u8x8_to_ps(mn)));
+  const __m128i sm = words(unpack_k4_scales(p + 4));  // 8 scales, 8 mins
+  c.a = zext8(_mm256_mul_ps(_mm256_set1_ps(half(p)), u8x8_to_ps(sm)));
+  c.c = zext8(_mm256_mul_ps(_mm256_set1_ps(-half(p + 2)), u8x8_to_ps(_mm_unpackhi_epi64(sm, sm))));
 }
 
 template <> inline void decode<Q4_K>(const uint8_t* p, Chunk& c, int) {
@@ -172,8 +175,8 @@ template <> inline void decode<Q4_K>(const uint8_t* p, Chunk& c, int) {
 
 template <> inline void decode<Q5_K>(const uint8_t* p, Chunk& c, int) {
   k4_affine(p, c);
-  const __m256i qh = load256(p + 16);
-  for (int s = 0; s < 4; ++s) c.u[s] = add_where(nibbles_64(p + 48 + 32 * s), bit_pair_mask(qh, 2 * s), 16);
+  const __m512i qh = _mm512_broadcast_i64x4(load256(p + 16));
+  for (int s = 0; s < 4; ++s) c.u[s] = add_where_bits(nibbles_64(p + 48 + 32 * s), qh, 2 * s, 16);
 }
 
 template <> inline void decode<Q6_K>(const uint8_t* p, Chunk& c, int) {
@@ -193,14 +196,13 @@ template <> inline void decode<Q6_K>(const uint8_t* p, Chunk& c, int) {
 }
 
 template <> inline void decode<Q3_K>(const uint8_t* p, Chunk& c, int) {
-  alignas(16) int8_t sc[16];
-  unpack_q3k_scales(p + 96, sc);
-  c.a = _mm512_mul_ps(_mm512_set1_ps(half(p + 108)),
-                      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load128(sc))));
+  const __m512i s32 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(words(unpack_q3k_scales(p + 96))),
+                                       _mm512_set1_epi32(32));
+  c.a = _mm512_mul_ps(_mm512_set1_ps(half(p + 108)), _mm512_cvtepi32_ps(s32));
   c.c = _mm512_mul_ps(c.a, _mm512_set1_ps(-4.f));
-  const __m256i hmask = load256(p);
+  const __m512i hmask = _mm512_broadcast_i64x4(load256(p));
   for (int s = 0; s < 4; ++s)  // u = low 2 bits + 4 * high bit, in [0, 8); W = a * (u - 4)
-    c.u[s] = add_where(crumbs_64(p + 32 + 32 * (s >> 1), 4 * (s & 1)), bit_pair_mask(hmask, 2 * s), 4);
+    c.u[s] = add_where_bits(crumbs_64(p + 32 + 32 * (s >> 1), 4 * (s & 1)), hmask, 2 * s, 4);
 }
 
 template <> inline void decode<Q2_K>(const uint8_t* p, Chunk& c, int) {
