@@ -5,7 +5,7 @@
 #   2. import every yun module in it (a module whose optional extra is not installed,
 #      like yun.distributed.ray_replicas without ray, may fail on that extra alone);
 #   3. `make serve` on a free loopback port, until /health answers (bounded);
-#   4. one chat completion ("What is the capital of France?", greedy, 32 tokens): a
+#   4. one chat completion ("Tell me the capital of France.", greedy, 32 tokens): a
 #      well-formed chat.completion with non-empty content, containing EXPECTED_WORD
 #      (case-insensitive) if one is given, e.g. Paris for a real default model;
 #   5. stop the server (its whole process group) on every exit path.
@@ -115,7 +115,7 @@ t=$SECONDS
 MODEL="$(curl -sf "$BASE/v1/models" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["data"][0]["id"])')" \
     || fail "/v1/models did not list a model"
 BODY="$("$PY" -c 'import json, sys; print(json.dumps({"model": sys.argv[1], "temperature": 0,
-    "max_tokens": 32, "messages": [{"role": "user", "content": "What is the capital of France?"}]}))' "$MODEL")"
+    "max_tokens": 32, "messages": [{"role": "user", "content": "Tell me the capital of France."}]}))' "$MODEL")"
 REPLY="$WORK/reply.json"
 curl -sS --max-time "$CHAT_TIMEOUT" -o "$REPLY" -w '%{http_code}\n' \
     -H 'Content-Type: application/json' -d "$BODY" "$BASE/v1/chat/completions" > "$WORK/status" \
