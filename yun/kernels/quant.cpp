@@ -126,7 +126,7 @@ template <> void decode<Q8_0>(const uint8_t* p, int16_t* v, float* a, float* c) 
 }
 
 void k4_affine(const uint8_t* p, float* a, float* c) {
-  const Words4 sm = unpack_k4_scales(p + 4);
+  const Bytes16 sm = unpack_k4_scales(p + 4);
   const float d = half_to_float(ld16(p)), dmin = half_to_float(ld16(p + 2));
   for (int g = 0; g < 8; ++g) a[g] = d * byte_of(sm, g), c[g] = -dmin * byte_of(sm, 8 + g);
 }
@@ -168,7 +168,7 @@ template <> void decode<Q6_K>(const uint8_t* p, int16_t* v, float* a, float* c) 
 }
 
 template <> void decode<Q3_K>(const uint8_t* p, int16_t* v, float* a, float* c) {
-  const Words4 sc = unpack_q3k_scales(p + 96);
+  const Bytes16 sc = unpack_q3k_scales(p + 96);
   const float d = half_to_float(ld16(p + 108));
   for (int g = 0; g < 16; ++g) a[g] = d * (byte_of(sc, g) - 32), c[g] = -4.f * a[g];
   for (int i = 0; i < 2; ++i)

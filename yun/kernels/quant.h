@@ -67,34 +67,38 @@ inline float half_to_float(uint16_t h) {
   return out;
 }
 
-// The packed scales come out as 32-bit words of 4 bytes each, little-endian: the SIMD
-// paths build vectors from them in registers (a 16-byte load of four 4-byte stores just
-// made would stall on store forwarding); the scalar path reads their bytes.
-struct Words4 { uint32_t w[4]; };
+// The packed scales come out as two 64-bit words of 8 bytes each (little-endian): the
+// SIMD paths move them straight into vectors (a 16-byte load of 4-byte stores just made
+// would stall on store forwarding); the scalar path reads their bytes.
+struct Bytes16 { uint64_t lo, hi; };
+
+inline uint64_t pair(uint32_t lo, uint32_t hi) { return lo | static_cast<uint64_t>(hi) << 32; }
 
 // Q4_K / Q5_K: 12 bytes hold 8 six-bit scales and 8 six-bit mins. Bytes 0-3 and 4-7 carry
 // the low 6 bits of scales 0-3 and mins 0-3 (their top 2 bits are the high bits of scales
 // and mins 4-7); bytes 8-11 carry the low 4 bits of scales 4-7 (low nibble) and mins 4-7.
-// Returns {scales 0-3, scales 4-7, mins 0-3, mins 4-7}.
-inline Words4 unpack_k4_scales(const uint8_t* s) {
+// Returns {scales 0-7, mins 0-7}.
+inline Bytes16 unpack_k4_scales(const uint8_t* s) {
   const uint32_t w0 = ld32(s), w1 = ld32(s + 4), w2 = ld32(s + 8);
-  return {{w0 & 0x3F3F3F3Fu, (w2 & 0x0F0F0F0Fu) | ((w0 >> 2) & 0x30303030u),
-           w1 & 0x3F3F3F3Fu, ((w2 >> 4) & 0x0F0F0F0Fu) | ((w1 >> 2) & 0x30303030u)}};
+  return {pair(w0 & 0x3F3F3F3Fu, (w2 & 0x0F0F0F0Fu) | ((w0 >> 2) & 0x30303030u)),
+          pair(w1 & 0x3F3F3F3Fu, ((w2 >> 4) & 0x0F0F0F0Fu) | ((w1 >> 2) & 0x30303030u))};
 }
 
 // Q3_K: 12 bytes hold 16 six-bit scales, stored offset by 32 (returned unsigned, 0..63:
 // subtract 32). Scale t takes its low 4 bits from byte t (t < 8, low nibble) or byte t - 8
-// (high nibble), and its top 2 bits from byte 8 + t % 4, bits 2 * (t / 4). Returns scales
-// 0-3, 4-7, 8-11, 12-15.
-inline Words4 unpack_q3k_scales(const uint8_t* s) {
+// (high nibble), and its top 2 bits from byte 8 + t % 4, bits 2 * (t / 4): on 32-bit
+// words, scales 4i..4i+3 are one word each.
+inline Bytes16 unpack_q3k_scales(const uint8_t* s) {
   const uint32_t w0 = ld32(s), w1 = ld32(s + 4), w2 = ld32(s + 8);
-  return {{(w0 & 0x0F0F0F0Fu) | ((w2 & 0x03030303u) << 4),
-           (w1 & 0x0F0F0F0Fu) | (((w2 >> 2) & 0x03030303u) << 4),
-           ((w0 >> 4) & 0x0F0F0F0Fu) | (((w2 >> 4) & 0x03030303u) << 4),
-           ((w1 >> 4) & 0x0F0F0F0Fu) | (((w2 >> 6) & 0x03030303u) << 4)}};
+  return {pair((w0 & 0x0F0F0F0Fu) | ((w2 & 0x03030303u) << 4),
+               (w1 & 0x0F0F0F0Fu) | (((w2 >> 2) & 0x03030303u) << 4)),
+          pair(((w0 >> 4) & 0x0F0F0F0Fu) | (((w2 >> 4) & 0x03030303u) << 4),
+               ((w1 >> 4) & 0x0F0F0F0Fu) | (((w2 >> 6) & 0x03030303u) << 4))};
 }
 
-inline uint8_t byte_of(const Words4& v, int i) { return static_cast<uint8_t>(v.w[i / 4] >> (8 * (i % 4))); }
+inline uint8_t byte_of(const Bytes16& v, int i) {
+  return static_cast<uint8_t>((i < 8 ? v.lo : v.hi) >> (8 * (i % 8)));
+}
 
 // x, quantized once per call. Each row is padded with zeros to kp (a whole number of
 // chunks), so a chunk never reads past its row.

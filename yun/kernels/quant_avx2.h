@@ -101,15 +101,13 @@ template <> struct Dec<Q8_0> {  // signed weights: the kernel takes |w| and move
   static __m256i vec(const uint8_t* p, int s) { return load256(p + 34 * s + 2); }
 };
 
-inline __m128i words(const Words4& v) {
-  return _mm_setr_epi32(static_cast<int>(v.w[0]), static_cast<int>(v.w[1]), static_cast<int>(v.w[2]),
-                        static_cast<int>(v.w[3]));
-}
+inline __m128i lo64(uint64_t v) { return _mm_cvtsi64_si128(static_cast<long long>(v)); }
+inline __m128i bytes16(const Bytes16& v) { return _mm_set_epi64x(static_cast<long long>(v.hi), static_cast<long long>(v.lo)); }
 
 inline void k4_scales(const uint8_t* p, __m256* a, __m256* c) {
-  const __m128i sm = words(unpack_k4_scales(p + 4));  // 8 scales, 8 mins
-  a[0] = _mm256_mul_ps(_mm256_set1_ps(half(p)), u8x8_to_ps(sm));
-  c[0] = _mm256_mul_ps(_mm256_set1_ps(-half(p + 2)), u8x8_to_ps(_mm_unpackhi_epi64(sm, sm)));
+  const Bytes16 sm = unpack_k4_scales(p + 4);  // 8 scales, 8 mins
+  a[0] = _mm256_mul_ps(_mm256_set1_ps(half(p)), u8x8_to_ps(lo64(sm.lo)));
+  c[0] = _mm256_mul_ps(_mm256_set1_ps(-half(p + 2)), u8x8_to_ps(lo64(sm.hi)));
 }
 
 template <> struct Dec<Q4_K> {
@@ -149,7 +147,7 @@ template <> struct Dec<Q6_K> {
 template <> struct Dec<Q3_K> {
   static void scales(const uint8_t* p, __m256* a, __m256* c, int) {
     const __m256 d = _mm256_set1_ps(half(p + 108));
-    const __m128i v = _mm_sub_epi8(words(unpack_q3k_scales(p + 96)), _mm_set1_epi8(32));  // -> -32..31
+    const __m128i v = _mm_sub_epi8(bytes16(unpack_q3k_scales(p + 96)), _mm_set1_epi8(32));  // -> -32..31
     a[0] = _mm256_mul_ps(d, i8x8_to_ps(v));
     a[1] = _mm256_mul_ps(d, i8x8_to_ps(_mm_unpackhi_epi64(v, v)));
     c[0] = _mm256_mul_ps(a[0], _mm256_set1_ps(-4.f));

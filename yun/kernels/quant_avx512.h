@@ -39,10 +39,8 @@ inline __m512 high_halves(__m256i w) { return low_halves(_mm256_srli_epi32(w, 16
 
 inline float half(const uint8_t* p) { return _cvtsh_ss(ld16(p)); }
 
-inline __m128i words(const Words4& v) {
-  return _mm_setr_epi32(static_cast<int>(v.w[0]), static_cast<int>(v.w[1]), static_cast<int>(v.w[2]),
-                        static_cast<int>(v.w[3]));
-}
+inline __m128i lo64(uint64_t v) { return _mm_cvtsi64_si128(static_cast<long long>(v)); }
+inline __m128i bytes16(const Bytes16& v) { return _mm_set_epi64x(static_cast<long long>(v.hi), static_cast<long long>(v.lo)); }
 
 inline __m256 u8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
 
@@ -163,9 +161,9 @@ template <> inline void decode<Q8_0>(const uint8_t* p, Chunk& c, int nb) {
 }
 
 inline void k4_affine(const uint8_t* p, Chunk& c) {
-  const __m128i sm = words(unpack_k4_scales(p + 4));  // 8 scales, 8 mins
-  c.a = zext8(_mm256_mul_ps(_mm256_set1_ps(half(p)), u8x8_to_ps(sm)));
-  c.c = zext8(_mm256_mul_ps(_mm256_set1_ps(-half(p + 2)), u8x8_to_ps(_mm_unpackhi_epi64(sm, sm))));
+  const Bytes16 sm = unpack_k4_scales(p + 4);  // 8 scales, 8 mins
+  c.a = zext8(_mm256_mul_ps(_mm256_set1_ps(half(p)), u8x8_to_ps(lo64(sm.lo))));
+  c.c = zext8(_mm256_mul_ps(_mm256_set1_ps(-half(p + 2)), u8x8_to_ps(lo64(sm.hi))));
 }
 
 template <> inline void decode<Q4_K>(const uint8_t* p, Chunk& c, int) {
@@ -196,7 +194,7 @@ template <> inline void decode<Q6_K>(const uint8_t* p, Chunk& c, int) {
 }
 
 template <> inline void decode<Q3_K>(const uint8_t* p, Chunk& c, int) {
-  const __m512i s32 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(words(unpack_q3k_scales(p + 96))),
+  const __m512i s32 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(bytes16(unpack_q3k_scales(p + 96))),
                                        _mm512_set1_epi32(32));
   c.a = _mm512_mul_ps(_mm512_set1_ps(half(p + 108)), _mm512_cvtepi32_ps(s32));
   c.c = _mm512_mul_ps(c.a, _mm512_set1_ps(-4.f));
