@@ -6,7 +6,7 @@ streamed) and prefill (M=16/64/512: GFLOP/s) shapes.
         [--types Q4_K Q8_0 Q4_1] [--m 16 64 512] [--no-decode] [--no-prefill]
 
 Weights are random (valid blocks), so nothing is downloaded. Each number is the best of
-timed calls filling ~0.2 s; the whole run takes well under a minute. A K-quant needs K to be
+timed calls filling ~0.4 s; the whole run takes under a minute. A K-quant needs K to be
 a multiple of 256, so 4864x896 and 49152x576 (N x K) run Q4_K on the transposed shapes,
 896x4864 and 576x49152: the same weight bytes.
 """
@@ -39,7 +39,7 @@ def weight(qtype: QT, n: int, k: int) -> torch.Tensor:
     return torch.from_numpy(blocks.reshape(n, -1))
 
 
-def seconds(fn, budget: float = 0.2) -> float:
+def seconds(fn, budget: float = 0.4) -> float:
     fn()
     times: list[float] = []
     start = time.perf_counter()
@@ -54,21 +54,23 @@ def decode_rows(mod, isas: list[str], types: list[QT]) -> None:
     print("\nM=1 (decode): GB/s of weight bytes streamed (quantized; fp32 for torch)")
     shapes = [(4864, 896), (49152, 576)]
     print(f"{'type':6} {'N x K':>12} {'MB':>6} " + " ".join(f"{i:>12}" for i in isas)
-          + f" {'torch fp32':>12}")
+          + f" {'torch fp32':>12} {'time ratio':>10}")
     for qtype in types:
         for n, k in shapes:
             if k % block_info(qtype)[0]:
                 n, k = k, n  # K-quants: the transposed shape, same bytes
             data = weight(qtype, n, k)
             x = torch.randn(1, k)
-            cells = []
+            cells, best = [], float("inf")
             for isa in isas:
                 t = seconds(lambda: mod.matmul(x, data, int(qtype), k, None, isa))
+                best = min(best, t)
                 cells.append(f"{data.numel() / t / 1e9:12.1f}")
             w = dequantize(data, qtype, k)
             t = seconds(lambda: F.linear(x, w))
+            # time ratio: torch fp32's time over the fastest path's, same product
             print(f"{qtype.name:6} {f'{n}x{k}':>12} {data.numel() / 1e6:6.2f} " + " ".join(cells)
-                  + f" {w.numel() * 4 / t / 1e9:12.1f}")
+                  + f" {w.numel() * 4 / t / 1e9:12.1f} {t / best:9.1f}x")
 
 
 def prefill_rows(mod, isas: list[str], ms: list[int]) -> None:
