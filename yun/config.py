@@ -13,6 +13,7 @@ from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+KERNEL_ISAS = ("auto", "avx512", "avx2")  # yun.kernels.ISAS, and auto
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -54,7 +55,11 @@ class EngineConfig:
         True, "Reuse the KV cache of prompt prefixes seen before.")
     native_kernels: bool = _opt(
         True, "Use yun's compiled CPU kernels where they beat torch's (bfloat16 decode on "
-        "AVX-512); built on first use, torch's kernels otherwise.")
+        "AVX-512 or AVX2); built on first use, torch's kernels otherwise.")
+    kernel_isa: str = _opt(
+        "auto", "Which build of the native CPU kernels: auto (the best this CPU runs), "
+        "avx512, or avx2 (e.g. to compare the two on an AVX-512 CPU). A build the CPU "
+        "cannot run means torch's kernels.", choices=KERNEL_ISAS)
     seed: int = _opt(0, "Seed for requests that give none.")
     num_threads: int | None = _opt(
         None, "CPU threads for torch. Default: one per physical core available.")
@@ -67,6 +72,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kernel_isa not in KERNEL_ISAS:
+            raise ValueError(f"kernel_isa must be one of {KERNEL_ISAS}, got {self.kernel_isa!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, "
                              f"got {self.quantization!r}")

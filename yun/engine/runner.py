@@ -103,13 +103,18 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
 
+    @property
+    def _isa(self) -> str | None:
+        """The native kernel build asked for (None: the best this CPU runs)."""
+        return None if self.config.kernel_isa == "auto" else self.config.kernel_isa
+
     def _bf16_kernels(self):
         if not (self.config.native_kernels and self.device.type == "cpu"
                 and self.dtype == torch.bfloat16):
             return None
         from yun import kernels
 
-        few, many = kernels.bf16_gemv(), kernels.bf16_gemm()
+        few, many = kernels.bf16_gemv(self._isa), kernels.bf16_gemm(self._isa)
         return None if few is None or many is None else (few, many)
 
     def describe(self) -> str:
@@ -142,14 +147,14 @@ class ModelRunner:
             return None
         from yun import kernels
 
-        return kernels.elementwise()
+        return kernels.elementwise(self._isa)
 
     def _decode_kernel(self):
         if not (self.config.native_kernels and self.device.type == "cpu"):
             return None
         from yun import kernels
 
-        return kernels.paged_decode_attention()
+        return kernels.paged_decode_attention(self._isa)
 
     # ---- KV cache --------------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:

@@ -1,8 +1,11 @@
 """Native CPU kernels, built on first use with torch's extension tooling, with a pure-torch
 fallback that is always correct.
 
-`bf16_gemv` is the decode path for bfloat16 weights on AVX-512 CPUs: torch's own bf16
-matrix-vector product streams weights at about half the machine's bandwidth. Build
+Two builds of the same functions: AVX-512 (this folder) and AVX2 + FMA + F16C (avx2/),
+chosen at run time by `native_isa` (the best the CPU runs; a caller may ask for one).
+`bf16_gemv` is the decode path for bfloat16 weights: torch's own bf16 matrix-vector
+product streams weights at about half the machine's bandwidth, and its bf16 GEMM on a
+CPU without bf16 hardware runs at a few GFLOP/s (`bf16_gemm` widens inside the kernel). Build
 problems never stop yun: they are logged once and the fallback (F.linear) is used.
 """
 
@@ -22,6 +25,36 @@ log = logging.getLogger("yun.kernels")
 _SOURCES = ("gemv_bf16.cpp", "gemm_bf16.cpp", "paged_attention.cpp", "elementwise.cpp")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp",
           "-ffp-contract=off"]  # a * b + c stays two roundings, as in torch
+# The same functions for x86-64 CPUs with AVX2 + FMA + F16C and no AVX-512 (avx2/).
+_AVX2_SOURCES = tuple(f"avx2/{s}" for s in ("module.cpp", "gemv_bf16.cpp", "gemm_bf16.cpp",
+                                            "paged_attention.cpp", "elementwise.cpp"))
+_AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
+
+# The native kernel builds, best first: module name, sources, headers, compiler flags,
+# and the CPU flags (yun.kernels.cpu's names) a CPU needs to run it.
+ISAS = ("avx512", "avx2")
+_BUILDS = {
+    "avx512": ("yun_cpu_kernels", _SOURCES, ("bf16.h",), _FLAGS,
+               ("avx512f", "avx512bw", "avx512vl", "fma")),
+    "avx2": ("yun_cpu_kernels_avx2", _AVX2_SOURCES, ("avx2/avx2.h",), _AVX2_FLAGS,
+             ("avx2", "fma", "f16c")),
+}
+
+
+def native_isa(features: frozenset[str] | None = None, isa: str | None = None) -> str | None:
+    """The native build a CPU with these features runs (default: this CPU's): "avx512"
+    with avx512f/bw/vl + fma, else "avx2" with avx2 + fma + f16c, else None (torch).
+    `isa` asks for one build (e.g. "avx2" on an AVX-512 CPU): it, if the CPU runs it."""
+    if isa is not None and isa not in _BUILDS:
+        raise ValueError(f"isa must be one of {ISAS} or None, got {isa!r}")
+    if features is None:
+        from yun.kernels.cpu import cpu_features
+
+        features = cpu_features()
+    for name in ISAS if isa is None else (isa,):
+        if all(f in features for f in _BUILDS[name][4]):
+            return name
+    return None
 
 
 def cpu_has_avx512() -> bool:
@@ -35,20 +68,23 @@ def cpu_has_avx512() -> bool:
     return all(f in flags.split() for f in ("avx512f", "avx512bw", "avx512vl", "fma"))
 
 
-def build_dir() -> str:
-    """One build folder per source tree and torch version.
+def build_dir(isa: str = "avx512") -> str:
+    """One build folder per build (`isa`), source tree and torch version.
 
     torch rebuilds an extension whose source paths changed, so two checkouts sharing one
     folder would rebuild each other's module (and wait on each other's lock).
     """
     from yun.model_source import cache_dir
 
+    _, sources, headers, _, _ = _BUILDS[isa]
     here = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha256(here.encode())
-    for name in (*_SOURCES, "bf16.h"):
+    for name in (*sources, *headers):
         with open(os.path.join(here, name), "rb") as f:
             h.update(f.read())
-    path = os.path.join(cache_dir(), "kernels", f"torch-{torch.__version__}-{h.hexdigest()[:12]}")
+    prefix = "" if isa == "avx512" else f"{isa}-"
+    path = os.path.join(cache_dir(), "kernels",
+                        f"{prefix}torch-{torch.__version__}-{h.hexdigest()[:12]}")
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -71,44 +107,50 @@ def _load_locked(path: str, **kwargs: object) -> object:
         return load(build_directory=path, **kwargs)
 
 
-@functools.lru_cache(maxsize=1)
-def native() -> object | None:
-    """The compiled extension module, or None where it cannot be had here."""
-    if not cpu_has_avx512():
-        return None
+def native(isa: str | None = None) -> object | None:
+    """The compiled kernel module: the best build this CPU runs (isa None), or the build
+    `isa` names ("avx512", "avx2"; e.g. the AVX2 one on an AVX-512 CPU, for tests).
+    None where it cannot be had here (the CPU lacks the features, no compiler)."""
+    chosen = native_isa(isa=isa)
+    return None if chosen is None else _build(chosen)
+
+
+@functools.lru_cache(maxsize=None)
+def _build(isa: str) -> object | None:
+    name, sources, _, flags, _ = _BUILDS[isa]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return _load_locked(build_dir(), name="yun_cpu_kernels",
-                            sources=[os.path.join(here, s) for s in _SOURCES],
-                            extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+        return _load_locked(build_dir(isa), name=name,
+                            sources=[os.path.join(here, s) for s in sources],
+                            extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, odd platform: use torch's kernels
-        log.warning("yun: native CPU kernels unavailable (%s); using torch's", e)
+        log.warning("yun: native CPU kernels (%s) unavailable (%s); using torch's", isa, e)
         return None
 
 
-def paged_decode_attention() -> Callable[..., torch.Tensor] | None:
-    mod = native()
+def paged_decode_attention(isa: str | None = None) -> Callable[..., torch.Tensor] | None:
+    mod = native(isa)
     return None if mod is None else mod.paged_decode_attention
 
 
 MatmulFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def bf16_gemv() -> MatmulFn | None:
+def bf16_gemv(isa: str | None = None) -> MatmulFn | None:
     """x [M<=4, K] @ w[N, K].T for bf16 w: streams the weights once (decode)."""
-    mod = native()
+    mod = native(isa)
     return None if mod is None else mod.gemv_bf16
 
 
-def bf16_gemm() -> MatmulFn | None:
+def bf16_gemm(isa: str | None = None) -> MatmulFn | None:
     """x [M, K] @ w[N, K].T for bf16 w: register-blocked, weights widened once per block."""
-    mod = native()
+    mod = native(isa)
     return None if mod is None else mod.gemm_bf16
 
 
-def elementwise() -> object | None:
+def elementwise(isa: str | None = None) -> object | None:
     """The module with fused rms_norm / silu_and_mul / rope_neox_ (see elementwise.cpp)."""
-    return native()
+    return native(isa)
 
 
 _QUANT_FILES = ("quant.cpp", "quant.h", "quant_avx512.h", "quant_avx2.h")

@@ -1,0 +1,24 @@
+// The AVX2 build of yun's native CPU kernels (module yun_cpu_kernels_avx2): the same
+// functions, names and signatures as the AVX-512 module (yun/kernels/gemv_bf16.cpp),
+// for x86-64 CPUs with AVX2 + FMA + F16C. Built with -mavx2 -mfma -mf16c only.
+#include <torch/extension.h>
+
+torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
+                                     torch::Tensor v_cache, torch::Tensor block_tables,
+                                     torch::Tensor context_lens, double scale);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+torch::Tensor silu_and_mul(torch::Tensor x);
+torch::Tensor rope_neox_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("isa") = "avx2";
+  m.def("gemm_bf16", &gemm_bf16, "x @ w.T for bfloat16 weights, many rows (AVX2)");
+  m.def("gemv_bf16", &gemv_bf16, "skinny x @ w.T for bfloat16 weights (AVX2)");
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "decode attention read straight from the paged KV cache (AVX2)");
+  m.def("rms_norm", &rms_norm, "RMSNorm in one pass (float32/bfloat16, AVX2)");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over a fused [T, 2I] projection (AVX2)");
+  m.def("rope_neox_", &rope_neox_, "neox rotary embedding, in place (AVX2)");
+}
