@@ -129,8 +129,11 @@ class ModelRunner:
         from yun.kernels.cpu import describe
 
         quant = quant_backend_name() if "Q" in weights else None
-        kernels = (f"bf16 matmul: {bf16_backend_name()}, decode attention: "
-                   f"{decode_backend_name()}")
+        from yun.kernels import native_isa
+
+        build = native_isa(isa=self._isa) if self.config.native_kernels else None
+        kernels = (f"native build: {build or 'none'}, bf16 matmul: {bf16_backend_name()}, "
+                   f"decode attention: {decode_backend_name()}")
         return f"{describe(quant or '-')}; {kernels}; weights {weights}"
 
     def _quant_kernels(self):
