@@ -71,6 +71,7 @@ class QuantWeight(nn.Module):
 
     def __init__(self, parts: list[QuantTensor]):
         super().__init__()
+        parts = _merge_same_type(parts)  # Q, K, V of one type: one matmul, no concat
         self.qtypes = [p.qtype for p in parts]
         self.cols = parts[0].cols
         self.out_sizes = [p.rows for p in parts]
@@ -89,6 +90,21 @@ class QuantWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"cols={self.cols}, parts={list(zip(self.names, self.out_sizes, self.qtypes))}"
+
+
+def _merge_same_type(parts: list[QuantTensor]) -> list[QuantTensor]:
+    """Adjacent parts of one quantized type stacked into one (their rows concatenate)."""
+    merged: list[QuantTensor] = []
+    for p in parts:
+        last = merged[-1] if merged else None
+        if (last is not None and not p.is_float and last.qtype == p.qtype
+                and last.data.shape[1:] == p.data.shape[1:] and len(p.shape) == 2):
+            data = torch.cat([last.data, p.data])
+            merged[-1] = QuantTensor(p.qtype, data, (data.shape[0], p.cols),
+                                     f"{last.name}+{p.name}")
+        else:
+            merged.append(p)
+    return merged
 
 
 class QuantEmbedding(nn.Module):
