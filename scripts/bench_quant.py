@@ -3,7 +3,11 @@ torch's float32 F.linear on the dequantized weight, at decode (M=1: GB/s of quan
 streamed) and prefill (M=16/64/512: GFLOP/s) shapes.
 
     .venv/bin/python scripts/bench_quant.py [--isa avx512-vnni avx2] [--threads 2]
-        [--types Q4_K Q8_0 Q4_1] [--m 16 64 512] [--no-decode] [--no-prefill]
+        [--types Q4_K Q8_0 Q4_1] [--activations int16 int8] [--m 16 64 512]
+        [--no-decode] [--no-prefill]
+
+Each column is one code path with one activation mode ("avx512-vnni/int16"); the modes
+of a path are timed next to each other (the machine's noise hits both alike).
 
 Weights are random (valid blocks), so nothing is downloaded. Each number is the best of
 timed calls filling ~0.4 s; the whole run takes under a minute. A K-quant needs K to be
@@ -53,7 +57,7 @@ def seconds(fn, budget: float = 0.4) -> float:
 def decode_rows(mod, isas: list[str], types: list[QT]) -> None:
     print("\nM=1 (decode): GB/s of weight bytes streamed (quantized; fp32 for torch)")
     shapes = [(4864, 896), (49152, 576)]
-    print(f"{'type':6} {'N x K':>12} {'MB':>6} " + " ".join(f"{i:>12}" for i in isas)
+    print(f"{'type':6} {'N x K':>12} {'MB':>6} " + " ".join(f"{i:>17}" for i in isas)
           + f" {'torch fp32':>12} {'time ratio':>10}")
     for qtype in types:
         for n, k in shapes:
@@ -62,10 +66,10 @@ def decode_rows(mod, isas: list[str], types: list[QT]) -> None:
             data = weight(qtype, n, k)
             x = torch.randn(1, k)
             cells, best = [], float("inf")
-            for isa in isas:
-                t = seconds(lambda: mod.matmul(x, data, int(qtype), k, None, isa))
+            for col in isas:
+                t = seconds(lambda: mod.matmul(x, data, int(qtype), k, None, *col.split("/")))
                 best = min(best, t)
-                cells.append(f"{data.numel() / t / 1e9:12.1f}")
+                cells.append(f"{data.numel() / t / 1e9:17.1f}")
             w = dequantize(data, qtype, k)
             t = seconds(lambda: F.linear(x, w))
             # time ratio: torch fp32's time over the fastest path's, same product
@@ -77,7 +81,7 @@ def prefill_rows(mod, isas: list[str], ms: list[int]) -> None:
     print("\nprefill: GFLOP/s (2*M*N*K / time); 'deq+mm' = dequantize (torch) then fp32 "
           "F.linear, 'fp32' = F.linear on an already dequantized weight")
     n, k = 896, 4864
-    print(f"{'type':6} {'M':>4} " + " ".join(f"{i:>12}" for i in isas)
+    print(f"{'type':6} {'M':>4} " + " ".join(f"{i:>17}" for i in isas)
           + f" {'deq+mm':>8} {'fp32':>8}")
     for qtype in (QT.Q4_K, QT.Q8_0):
         data = weight(qtype, n, k)
@@ -86,9 +90,9 @@ def prefill_rows(mod, isas: list[str], ms: list[int]) -> None:
             x = torch.randn(m, k)
             flop = 2 * m * n * k
             cells = []
-            for isa in isas:
-                t = seconds(lambda: mod.matmul(x, data, int(qtype), k, None, isa))
-                cells.append(f"{flop / t / 1e9:12.1f}")
+            for col in isas:
+                t = seconds(lambda: mod.matmul(x, data, int(qtype), k, None, *col.split("/")))
+                cells.append(f"{flop / t / 1e9:17.1f}")
             t_deq = seconds(lambda: F.linear(x, dequantize(data, qtype, k)))
             t_mm = seconds(lambda: F.linear(x, w))
             print(f"{qtype.name:6} {m:4} " + " ".join(cells)
@@ -104,6 +108,8 @@ def main() -> None:
     ap.add_argument("--types", nargs="*", default=["Q4_K", "Q8_0", "Q4_1"],
                     help="decode table types (e.g. all ten: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K "
                     "Q4_K Q5_K Q6_K)")
+    ap.add_argument("--activations", nargs="*", default=["int16", "int8"],
+                    help="activation modes to time, each a column per path")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--no-prefill", action="store_true")
     args = ap.parse_args()
@@ -111,8 +117,9 @@ def main() -> None:
     mod = kernels.quant()
     if mod is None:
         raise SystemExit("the native quantized kernels did not build here")
-    isas = args.isa or [i for i in mod.isas() if i != "scalar"]
-    print(cpu.describe(isas[0]), f"| threads {args.threads}")
+    paths = args.isa or [i for i in mod.isas() if i != "scalar"]
+    print(cpu.describe(paths[0]), f"| threads {args.threads}")
+    isas = [f"{p}/{a}" for p in paths for a in args.activations]
     if not args.no_decode:
         decode_rows(mod, isas, [QT[t] for t in args.types])
     if not args.no_prefill:

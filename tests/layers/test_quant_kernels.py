@@ -113,12 +113,13 @@ def shapes(qtype: QT) -> list[tuple[int, int, int]]:
 
 
 def reference(x: torch.Tensor, data: np.ndarray, qtype: QT, bias: torch.Tensor | None,
-              isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+              isa: str, activations: str = "int8") -> tuple[torch.Tensor, torch.Tensor]:
     """float64 products of the dequantized weight with x itself, and with x as the kernels
-    quantize it (int8 blocks of 32, one scale each): the second is what they compute."""
+    quantize it (int8 or int16 blocks of 32, one scale each): the second is what they
+    compute."""
     k = x.shape[1]
     w = torch.from_numpy(gguf_dequantize(data, qtype)).double()  # [N, K]
-    q, d = native.quantize_activation(x, k, isa)
+    q, d = native.quantize_activation(x, k, isa, activations)
     x_hat = q[:, :k].double() * d.double().repeat_interleave(32, dim=1)[:, :k]
     b = 0 if bias is None else bias.double()
     return x.double() @ w.T + b, x_hat @ w.T + b
@@ -149,6 +150,30 @@ def test_native_matmul_matches_float64_references(qtype, isa):
 
 @needs_native
 @pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
+def test_int16_activations_match_the_float64_product_of_x_itself(qtype, isa):
+    for i, (m, n, k) in enumerate(shapes(qtype) + [(2, 5, 32 * block_info(qtype)[0])]):
+        data = random_weight(qtype, n, k, seed=i)
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(m, k, generator=g) * torch.logspace(-2, 2, k)  # blocks of all scales
+        bias = torch.randn(n, generator=g) if i % 2 else None
+        y = native.matmul(x, torch.from_numpy(data), int(qtype), k, bias, isa, "int16")
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        exact, of_quantized_x = reference(x, data, qtype, bias, isa, "int16")
+        scale = exact.abs().max().item()
+        # What the kernel computes (x in int16 blocks): float32 rounding only, as for int8.
+        assert (y.double() - of_quantized_x).abs().max().item() <= 2e-5 * scale
+        # Against x itself (not its int8 rounding): d = max|x| / 32767 rounds each value by
+        # up to d / 2, a uniform error of std ~ 2.5 sigma / 32767 / sqrt(12) ~ 2e-5 of the
+        # block's size (gaussian blocks of 32: max ~ 2.5 sigma), so ~2e-5 of the product's
+        # norm, plus ~1e-6 of float32 sums. 1e-4 is 5x that, and 40x below int8's ~4e-3.
+        rel = ((y.double() - exact).norm() / exact.norm()).item()
+        assert rel <= 1e-4, (qtype.name, isa, m, n, k, rel)
+        assert (y.double() - exact).abs().max().item() <= 1e-4 * scale, (qtype.name, isa, m, n, k)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", PATHS)
 def test_every_path_quantizes_the_activation_to_the_same_bits(isa):
     x = torch.randn(5, 896) * torch.logspace(-3, 3, 896)  # blocks of very different scales
     x[2, 64:96] = 0  # an all-zero block
@@ -157,6 +182,22 @@ def test_every_path_quantizes_the_activation_to_the_same_bits(isa):
     assert torch.equal(q, q0) and torch.equal(d.view(torch.int32), d0.view(torch.int32))
     assert q.shape == (5, 1024) and q[:, 896:].abs().sum() == 0  # padded to whole chunks
     assert q.abs().max() == 127 and d[2, 2] == 0
+
+
+@needs_native
+@pytest.mark.parametrize("isa", PATHS)
+def test_every_path_quantizes_the_activation_to_the_same_int16_bits(isa):
+    x = torch.randn(5, 864) * torch.logspace(-3, 3, 864)  # 27 blocks: a half-filled 64
+    x[2, 64:96] = 0  # an all-zero block
+    q, d = native.quantize_activation(x, 864, isa, "int16")
+    q0, d0 = native.quantize_activation(x, 864, "scalar", "int16")
+    assert q.dtype == torch.int16 and torch.equal(q, q0)
+    assert torch.equal(d.view(torch.int32), d0.view(torch.int32))
+    assert q.shape == (5, 1024) and q[:, 864:].abs().sum() == 0  # padded to whole chunks
+    assert q.abs().max() == 32767 and d[2, 2] == 0
+    x_hat = q[:, :864].double() * d.double().repeat_interleave(32, dim=1)[:, :864]
+    block_max = x.abs().reshape(5, 27, 32).amax(-1).double().repeat_interleave(32, dim=1)
+    assert ((x_hat - x.double()).abs() <= block_max / 32767 * 0.51).all()  # round to nearest
 
 
 @needs_native
@@ -195,8 +236,9 @@ def test_an_inf_or_nan_in_x_makes_only_its_rows_outputs_nan():
     x = torch.randn(3, 64)
     x[1, 5] = float("inf")
     for isa in PATHS:
-        y = native.matmul(x, data, int(QT.Q8_0), 64, None, isa)
-        assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all(), isa
+        for activations in ("int8", "int16"):
+            y = native.matmul(x, data, int(QT.Q8_0), 64, None, isa, activations)
+            assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all(), isa
 
 
 @needs_native
@@ -208,6 +250,8 @@ def test_native_kernel_rejects_bad_inputs():
         native.matmul(torch.randn(1, 64), data, int(QT.Q4_0), 64, None, "avx9000")
     with pytest.raises(RuntimeError, match="no native kernel"):
         native.matmul(torch.randn(1, 64), data, int(QT.F16), 64, None, "scalar")
+    with pytest.raises(RuntimeError, match="unknown activation mode 'int4'"):
+        native.matmul(torch.randn(1, 64), data, int(QT.Q4_0), 64, None, "scalar", "int4")
 
 
 # --- dispatch ---------------------------------------------------------------------------------
@@ -221,9 +265,9 @@ class Spy:
     def isas(self):
         return self.module.isas()
 
-    def matmul(self, x, w, qtype, k, bias, isa):
-        self.calls.append((isa, tuple(x.shape)))
-        return self.module.matmul(x, w, qtype, k, bias, isa)
+    def matmul(self, x, w, qtype, k, bias, isa, activations):
+        self.calls.append((isa, activations, tuple(x.shape)))
+        return self.module.matmul(x, w, qtype, k, bias, isa, activations)
 
 
 @pytest.fixture
@@ -239,10 +283,10 @@ def test_set_quant_backend_forces_each_path_and_none_falls_back_to_torch(isa, re
     x = torch.randn(2, 3, 256)  # leading dims are kept
     bias = torch.randn(24)
     spy = Spy(native)
-    qmod.set_quant_backend(spy, isa=isa)
-    assert qmod.quant_backend_name() == isa
+    qmod.set_quant_backend(spy, isa=isa, activations="int8")
+    assert qmod.quant_backend_name() == f"{isa}/int8"
     y = qmod.quant_matmul(x, data, QT.Q6_K, 256, bias)
-    assert spy.calls == [(isa, (6, 256))] and y.shape == (2, 3, 24)
+    assert spy.calls == [(isa, "int8", (6, 256))] and y.shape == (2, 3, 24)
     w = dequantize(data, QT.Q6_K, 256)
     want = torch.nn.functional.linear(x, w, bias)
     assert ((y - want).norm() / want.norm()).item() <= 2e-2
@@ -255,12 +299,23 @@ def test_set_quant_backend_forces_each_path_and_none_falls_back_to_torch(isa, re
 @needs_native
 def test_default_backend_path_is_the_best_this_cpu_runs(restore_backend):
     qmod.set_quant_backend(native)
-    assert qmod.quant_backend_name() == PATHS[0]
+    assert qmod.quant_backend_name() == f"{PATHS[0]}/{qmod.ACTIVATIONS[0]}"
     if cpu.cpu_features() or PATHS == ["scalar"]:  # /proc/cpuinfo readable
         assert cpu.quant_path() == PATHS[0]
     assert cpu.describe(PATHS[0]).endswith(f"quantized matmul: {PATHS[0]}")
     with pytest.raises(ValueError, match="cannot run on this CPU"):
         qmod.set_quant_backend(native, isa="avx9000")
+
+
+@needs_native
+def test_set_quant_backend_passes_its_activation_mode_and_rejects_unknown_ones(restore_backend):
+    spy = Spy(native)
+    qmod.set_quant_backend(spy)
+    qmod.quant_matmul(torch.randn(1, 32), torch.from_numpy(random_weight(QT.Q8_0, 3, 32)),
+                      QT.Q8_0, 32)
+    assert spy.calls == [(PATHS[0], qmod.ACTIVATIONS[0], (1, 32))]
+    with pytest.raises(ValueError, match="activations must be one of int16, int8, got 'fp8'"):
+        qmod.set_quant_backend(native, activations="fp8")
 
 
 @needs_native

@@ -28,6 +28,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "quant.h"
@@ -185,7 +186,7 @@ template <> void decode<Q2_K>(const uint8_t* p, int16_t* v, float* a, float* c) 
       for (int l = 0; l < 32; ++l) v[128 * i + 32 * j + l] = (p[16 + 32 * i + l] >> (2 * j)) & 3;
 }
 
-template <int QT>
+template <int QT, bool W16>
 struct Kern {
   static constexpr int kMaxRows = 4;
   static constexpr int NG = Format<QT>::groups, GS = kChunk / NG;
@@ -210,10 +211,11 @@ struct Kern {
       }
       decode<QT>(p, v, a, c);
       for (int m = 0; m < MB; ++m) {
-        const int8_t* x = j.x.q + (m0 + m) * kp + ch * kChunk;
+        const int64_t x0 = (m0 + m) * kp + ch * kChunk;  // kp, kChunk: multiples of 64
         for (int g = 0; g < NG; ++g) {
-          int32_t dot = 0;
-          for (int i = 0; i < GS; ++i) dot += v[GS * g + i] * x[GS * g + i];
+          int32_t dot = 0;  // int16: |v| <= 255, |x| <= 32767, 32 products < 2^29
+          for (int i = 0; i < GS; ++i)
+            dot += v[GS * g + i] * (W16 ? j.x.q16[x0 + pos16(GS * g + i)] : j.x.q[x0 + GS * g + i]);
           const int64_t gi = m * gpr + ch * NG + g;
           acc[m] += a[g] * dg[gi] * static_cast<float>(dot) + c[g] * sg[gi];
         }
@@ -233,19 +235,25 @@ struct Kern {
   }
 };
 
-void run(const Job& j, int qtype, int64_t n0, int64_t n1) {
+template <bool W16>
+void run_mode(const Job& j, int qtype, int64_t n0, int64_t n1) {
   switch (qtype) {
-    case Q4_0: drive<Kern<Q4_0>>(j, n0, n1); break;
-    case Q4_1: drive<Kern<Q4_1>>(j, n0, n1); break;
-    case Q5_0: drive<Kern<Q5_0>>(j, n0, n1); break;
-    case Q5_1: drive<Kern<Q5_1>>(j, n0, n1); break;
-    case Q8_0: drive<Kern<Q8_0>>(j, n0, n1); break;
-    case Q2_K: drive<Kern<Q2_K>>(j, n0, n1); break;
-    case Q3_K: drive<Kern<Q3_K>>(j, n0, n1); break;
-    case Q4_K: drive<Kern<Q4_K>>(j, n0, n1); break;
-    case Q5_K: drive<Kern<Q5_K>>(j, n0, n1); break;
-    case Q6_K: drive<Kern<Q6_K>>(j, n0, n1); break;
+    case Q4_0: drive<Kern<Q4_0, W16>>(j, n0, n1); break;
+    case Q4_1: drive<Kern<Q4_1, W16>>(j, n0, n1); break;
+    case Q5_0: drive<Kern<Q5_0, W16>>(j, n0, n1); break;
+    case Q5_1: drive<Kern<Q5_1, W16>>(j, n0, n1); break;
+    case Q8_0: drive<Kern<Q8_0, W16>>(j, n0, n1); break;
+    case Q2_K: drive<Kern<Q2_K, W16>>(j, n0, n1); break;
+    case Q3_K: drive<Kern<Q3_K, W16>>(j, n0, n1); break;
+    case Q4_K: drive<Kern<Q4_K, W16>>(j, n0, n1); break;
+    case Q5_K: drive<Kern<Q5_K, W16>>(j, n0, n1); break;
+    case Q6_K: drive<Kern<Q6_K, W16>>(j, n0, n1); break;
   }
+}
+
+void run(const Job& j, int qtype, int64_t n0, int64_t n1) {
+  if (j.x.q16) run_mode<true>(j, qtype, n0, n1);
+  else run_mode<false>(j, qtype, n0, n1);
 }
 
 inline float round_half_even(float v) {  // exact for |v| < 2^22; |v| <= 127 here
@@ -283,18 +291,44 @@ bool quantize_row(const float* x, int64_t K, int64_t kp, int8_t* q, float* d32, 
   return probe == 0.f;
 }
 
+// The int16 mode (quant.h): d = max|x| / 32767, q at pos16 (|v| < 2^22: round_half_even holds).
+bool quantize_row16(const float* x, int64_t K, int64_t kp, int16_t* q, float* d32, float* d16,
+                    float* s32, float* s16) {
+  float probe = 0.f;
+  for (int64_t b = 0; b < kp / 32; ++b) {
+    const float* xb = x + 32 * b;
+    float amax = 0.f;
+    if (32 * b < K)
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i])), probe += xb[i] * 0.f;
+    const float d = amax / 32767.f, id = amax > 0.f ? 32767.f / amax : 0.f;
+    int s0 = 0, s1 = 0;
+    for (int i = 0; i < 32; ++i) {
+      const int v = 32 * b < K ? static_cast<int>(std::min(32767.f, std::max(-32767.f, round_half_even(xb[i] * id)))) : 0;
+      q[pos16(32 * b + i)] = static_cast<int16_t>(v);
+      (i < 16 ? s0 : s1) += v;
+    }
+    d32[b] = d16[2 * b] = d16[2 * b + 1] = d;
+    s16[2 * b] = d * s0;
+    s16[2 * b + 1] = d * s1;
+    s32[b] = d * (s0 + s1);
+  }
+  return probe == 0.f;
+}
+
 }  // namespace scalar
 
 namespace {
 
 using RunFn = void (*)(const Job&, int, int64_t, int64_t);
 using QuantizeFn = bool (*)(const float*, int64_t, int64_t, int8_t*, float*, float*, float*, float*);
+using Quantize16Fn = bool (*)(const float*, int64_t, int64_t, int16_t*, float*, float*, float*, float*);
 
 struct Path {
   const char* name;
   RunFn run;
   QuantizeFn quantize;  // one row of x (every path gives the same bits; AVX-512 machines
                         // use AVX2's: Zen 4's down-converting stores are slow)
+  Quantize16Fn quantize16;  // the same, for the int16 mode
   bool (*runnable)();
 };
 
@@ -314,12 +348,12 @@ bool always() { return true; }
 // Best first.
 const Path kPaths[] = {
 #if defined(__x86_64__)
-    {"avx512-vnni", avx512vnni::run, avx2::quantize_row, has_avx512_vnni},
-    {"avx512", avx512::run, avx2::quantize_row, has_avx512},
-    {"avx2-vnni", avx2vnni::run, avx2vnni::quantize_row, has_avx2_vnni},
-    {"avx2", avx2::run, avx2::quantize_row, has_avx2},
+    {"avx512-vnni", avx512vnni::run, avx2::quantize_row, avx2::quantize_row16, has_avx512_vnni},
+    {"avx512", avx512::run, avx2::quantize_row, avx2::quantize_row16, has_avx512},
+    {"avx2-vnni", avx2vnni::run, avx2vnni::quantize_row, avx2vnni::quantize_row16, has_avx2_vnni},
+    {"avx2", avx2::run, avx2::quantize_row, avx2::quantize_row16, has_avx2},
 #endif
-    {"scalar", scalar::run, scalar::quantize_row, always},
+    {"scalar", scalar::run, scalar::quantize_row, scalar::quantize_row16, always},
 };
 
 const Path& find_path(const std::string& isa) {
@@ -349,17 +383,28 @@ Format_ format_of(int64_t qtype) {
   TORCH_CHECK(false, "quantized type ", qtype, " has no native kernel");
 }
 
-// Owns the quantized activation (see Act in quant.h).
+// Owns the quantized activation (see Act in quant.h): q in the int8 mode, q16 in the int16.
 struct ActBuf {
   std::vector<int8_t> q;
+  std::vector<int16_t> q16;
   std::vector<float> d32, d16, s32, s16;
-  Act view(int64_t kp) const { return {q.data(), d32.data(), d16.data(), s32.data(), s16.data(), kp}; }
+  Act view(int64_t kp) const {
+    return {q.empty() ? nullptr : q.data(), q16.empty() ? nullptr : q16.data(), d32.data(), d16.data(),
+            s32.data(), s16.data(), kp};
+  }
 };
 
-ActBuf quantize_activation(const torch::Tensor& x, int64_t K, int64_t kp, QuantizeFn quantize_row) {
+// The activation modes: "int8" (llama.cpp's numerics) or "int16" (~300x finer rounding).
+bool wide_activations(const std::string& activations) {
+  TORCH_CHECK(activations == "int8" || activations == "int16", "unknown activation mode '", activations,
+              "' (int8 or int16)");
+  return activations == "int16";
+}
+
+ActBuf quantize_activation(const torch::Tensor& x, int64_t K, int64_t kp, const Path& path, bool wide) {
   const int64_t M = x.size(0);
   ActBuf a;
-  a.q.resize(M * kp);
+  (wide ? a.q16.resize(M * kp) : a.q.resize(M * kp));
   a.d32.resize(M * kp / 32);
   a.s32.resize(M * kp / 32);
   a.d16.resize(M * kp / 16);
@@ -379,8 +424,11 @@ ActBuf quantize_activation(const torch::Tensor& x, int64_t K, int64_t kp, Quanti
         }
       float* d32 = a.d32.data() + r * kp / 32;
       float* d16 = a.d16.data() + r * kp / 16;
-      if (!quantize_row(src, K, kp, a.q.data() + r * kp, d32, d16, a.s32.data() + r * kp / 32,
-                        a.s16.data() + r * kp / 16)) {
+      float* s32 = a.s32.data() + r * kp / 32;
+      float* s16 = a.s16.data() + r * kp / 16;
+      const bool finite = wide ? path.quantize16(src, K, kp, a.q16.data() + r * kp, d32, d16, s32, s16)
+                               : path.quantize(src, K, kp, a.q.data() + r * kp, d32, d16, s32, s16);
+      if (!finite) {
         // An inf or nan in x: this row's outputs are nan, as a float matmul's would be (or inf).
         std::fill(d32, d32 + kp / 32, std::numeric_limits<float>::quiet_NaN());
         std::fill(d16, d16 + kp / 16, std::numeric_limits<float>::quiet_NaN());
@@ -417,12 +465,13 @@ void store_output(const std::vector<float>& buf, torch::Tensor& y) {
 // x [M, K] (float32 or bfloat16) @ W.T + bias, W [N, row_bytes] quantized -> [M, N] in x's
 // dtype (other float dtypes: computed in float32, returned as float32).
 torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K,
-                     c10::optional<torch::Tensor> bias, const std::string& isa) {
+                     c10::optional<torch::Tensor> bias, const std::string& isa,
+                     const std::string& activations) {
   check_inputs(x, w, qtype, K);
   const Path& path = find_path(isa);
   const Format_ f = format_of(qtype);
   const int64_t M = x.size(0), N = w.size(0), kp = padded(K);
-  const ActBuf act = quantize_activation(x, K, kp, path.quantize);
+  const ActBuf act = quantize_activation(x, K, kp, path, wide_activations(activations));
   torch::Tensor bf;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == N, "bias must have N=", N, " values");
@@ -465,22 +514,33 @@ std::vector<std::string> isas() {
   return out;
 }
 
-// For tests: the activation as the kernels see it, q [M, kp] int8 and d [M, kp / 32].
-std::vector<torch::Tensor> quantize_activation_for_test(torch::Tensor x, int64_t K, const std::string& isa) {
+// For tests: the activation as the kernels see it, q [M, kp] (int8, or int16 in value
+// order) and d [M, kp / 32].
+std::vector<torch::Tensor> quantize_activation_for_test(torch::Tensor x, int64_t K, const std::string& isa,
+                                                        const std::string& activations) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && K % 32 == 0, "x must be [M, K], K a multiple of 32");
   const int64_t M = x.size(0), kp = padded(K);
-  const ActBuf a = quantize_activation(x, K, kp, find_path(isa).quantize);
-  torch::Tensor q = torch::empty({M, kp}, torch::kInt8), d = torch::empty({M, kp / 32}, torch::kFloat);
-  std::memcpy(q.data_ptr<int8_t>(), a.q.data(), a.q.size());
+  const bool wide = wide_activations(activations);
+  const ActBuf a = quantize_activation(x, K, kp, find_path(isa), wide);
+  torch::Tensor q = torch::empty({M, kp}, wide ? torch::kInt16 : torch::kInt8);
+  torch::Tensor d = torch::empty({M, kp / 32}, torch::kFloat);
+  if (wide) {
+    int16_t* out = q.data_ptr<int16_t>();
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t i = 0; i < kp; ++i) out[r * kp + i] = a.q16[r * kp + pos16(i)];
+  } else {
+    std::memcpy(q.data_ptr<int8_t>(), a.q.data(), a.q.size());
+  }
   std::memcpy(d.data_ptr<float>(), a.d32.data(), a.d32.size() * sizeof(float));
   return {q, d};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &matmul, "x @ W.T (+ bias) for a GGUF-quantized W [N, row_bytes]",
-        py::arg("x"), py::arg("w"), py::arg("qtype"), py::arg("k"), py::arg("bias"), py::arg("isa"));
+        py::arg("x"), py::arg("w"), py::arg("qtype"), py::arg("k"), py::arg("bias"), py::arg("isa"),
+        py::arg("activations") = "int8");
   m.def("isas", &isas, "the code paths this CPU runs, best first");
   m.def("quantize_activation", &quantize_activation_for_test,
-        "x [M, K] -> (q int8 [M, Kp], d float32 [M, Kp / 32]) as the kernels quantize it",
-        py::arg("x"), py::arg("k"), py::arg("isa"));
+        "x [M, K] -> (q int8 or int16 [M, Kp], d float32 [M, Kp / 32]) as the kernels quantize it",
+        py::arg("x"), py::arg("k"), py::arg("isa"), py::arg("activations") = "int8");
 }

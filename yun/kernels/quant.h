@@ -4,8 +4,8 @@
 //
 // Every path computes the same thing:
 //   y[m, n] = sum_k W[n, k] * xhat[m, k] + bias[n]
-// where xhat is x quantized to int8 blocks of 32 with one float scale each (the activation
-// is quantized once per call, not per weight row). Weights are read in chunks of 256
+// where xhat is x quantized to int8 (or, in the int16 mode, int16) blocks of 32 with one
+// float scale each (the activation is quantized once per call, not per weight row). Weights are read in chunks of 256
 // values (one K-quant super-block, or 8 blocks of 32) and split, per group of 16 or 32
 // values that share a scale, into unsigned integers u and an affine map:
 //   W = a * u + c        (a, c: float per group)
@@ -100,11 +100,26 @@ inline uint8_t byte_of(const Bytes16& v, int i) {
   return static_cast<uint8_t>((i < 8 ? v.lo : v.hi) >> (8 * (i % 8)));
 }
 
+// The int16 activation mode: x is quantized to int16 blocks of 32 (d = max|x| / 32767,
+// rounding ~1e-5 of max|x| against int8's ~4e-3), dotted against the weights widened to
+// int16 (vpmaddwd / vpdpwssd). An i32 lane sums 2 or 4 products of |u| <= 255 (Q8_0's
+// offset form) and |q| <= 32767: < 2^25, no overflow; K-quant sub-block scales are applied
+// in float, after the integer dot. Within each 64 values the int16 q are stored permuted,
+// so that the unpacklo/unpackhi widening of a weight vector (bytes 0-7 and 8-15 of every
+// 16) meets its x in place: 16-value quarter t, half h (values 16t + 8h .. +8) goes to
+// 32h + 8t. Both the 512-bit (one 64-value vector) and 256-bit (two 32-value ones) paths
+// read this layout.
+inline int64_t pos16(int64_t i) {  // value i of a row -> its index in q16
+  const int64_t r = i & 63;
+  return (i & ~int64_t{63}) + 32 * ((r >> 3) & 1) + 8 * (r >> 4) + (r & 7);
+}
+
 // x, quantized once per call. Each row is padded with zeros to kp (a whole number of
 // chunks), so a chunk never reads past its row.
 struct Act {
-  const int8_t* q;   // [M, kp]      q = round(x / d)
-  const float* d32;  // [M, kp / 32] d = max|x| / 127 over each block of 32 values
+  const int8_t* q;   // [M, kp]      q = round(x / d); null in the int16 mode
+  const int16_t* q16;  // [M, kp]    int16 mode: q = round(x / d), stored as pos16 says; else null
+  const float* d32;  // [M, kp / 32] d = max|x| / 127 (int16: / 32767) over each block of 32 values
   const float* d16;  // [M, kp / 16] the same d, once per 16 values
   const float* s32;  // [M, kp / 32] d * sum(q) over each block of 32
   const float* s16;  // [M, kp / 16] d * sum(q) over each 16

@@ -190,16 +190,32 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int QT>
+// The int16 mode (see pos16 in quant.h): 32 weight bytes widened to two vectors of 16
+// int16 (bytes 0-7 and 8-15 of each 16: unpacklo/hi; signed bytes sign-extended) against
+// x's matching 16-value pieces, as stored. i32 lanes 0-3 sum values 0-15, lanes 4-7
+// values 16-31: the int8 dot's lanes.
+template <bool Signed>
+inline __m256i dot16(__m256i u, const int16_t* x0, const int16_t* x1) {
+  const __m256i high = Signed ? _mm256_cmpgt_epi8(_mm256_setzero_si256(), u) : _mm256_setzero_si256();
+  const __m256i lo = _mm256_unpacklo_epi8(u, high), hi = _mm256_unpackhi_epi8(u, high);
+#if YQ_VNNI
+  return _mm256_dpwssd_avx_epi32(_mm256_madd_epi16(lo, load256(x0)), hi, load256(x1));
+#else
+  return _mm256_add_epi32(_mm256_madd_epi16(lo, load256(x0)), _mm256_madd_epi16(hi, load256(x1)));
+#endif
+}
+
+template <int QT, bool W16>
 struct Kern {
   static constexpr int kMaxRows = 4;
   static constexpr int NG = Format<QT>::groups;
+  using XT = typename std::conditional<W16, int16_t, int8_t>::type;  // x's quantized values
 
   // One chunk of R weight rows against MB rows of x, into acc; of a partial last chunk
   // only the blocks there are read.
   template <bool Whole, int R, int MB>
   __attribute__((always_inline)) static inline void chunk(
-      const Job& j, const uint8_t* const* w, int64_t ch, const int8_t* xq, const float* dg,
+      const Job& j, const uint8_t* const* w, int64_t ch, const XT* xq, const float* dg,
       const float* sg, int64_t gpr, __m256 (*acc)[MB]) {
     constexpr int CB = chunk_bytes<QT>(), NV = NG / 8;
     const int64_t kp = j.x.kp;
@@ -222,13 +238,20 @@ struct Kern {
       for (int s = 0; s < nv; ++s) {
         __m256i u = Dec<QT>::vec(p, s);
         const __m256i sign = u;
-        if (QT == Q8_0) u = _mm256_abs_epi8(u);
+        if (QT == Q8_0 && !W16) u = _mm256_abs_epi8(u);
         for (int m = 0; m < MB; ++m) {
-          __m256i x = load256(xq + m * kp + ch * kChunk + 32 * s);
-          if (QT == Q8_0) x = _mm256_sign_epi8(x, sign);
+          __m256i i;
+          if constexpr (W16) {
+            const int16_t* x = xq + m * kp + ch * kChunk + 64 * (s >> 1) + 16 * (s & 1);
+            i = dot16<QT == Q8_0>(u, x, x + 32);
+          } else {
+            __m256i x = load256(xq + m * kp + ch * kChunk + 32 * s);
+            if (QT == Q8_0) x = _mm256_sign_epi8(x, sign);
+            i = dot(u, x);
+          }
           const __m256 f = NG == 8 ? _mm256_broadcast_ss(sc[m] + s)
                                    : _mm256_permutevar8x32_ps(_mm256_load_ps(sc[m] + 8 * (s >> 2)), pairs[s & 3]);
-          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(u, x)), f, acc[r][m]);
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), f, acc[r][m]);
         }
       }
     }
@@ -240,7 +263,8 @@ struct Kern {
     const int64_t kp = j.x.kp, gpr = kp / (256 / NG);
     const float* dg = (NG == 8 ? j.x.d32 : j.x.d16) + m0 * gpr;
     const float* sg = (NG == 8 ? j.x.s32 : j.x.s16) + m0 * gpr;
-    const int8_t* xq = j.x.q + m0 * kp;
+    const XT* xq = reinterpret_cast<const XT*>(W16 ? static_cast<const void*>(j.x.q16)
+                                                   : static_cast<const void*>(j.x.q)) + m0 * kp;
     int64_t nr[R];
     const uint8_t* w[R];
     for (int r = 0; r < R; ++r) {
@@ -329,19 +353,66 @@ bool quantize_row(const float* x, int64_t K, int64_t kp, int8_t* q, float* d32, 
   return hsum(probe) == 0.f;
 }
 
-void run(const Job& j, int qtype, int64_t n0, int64_t n1) {
-  switch (qtype) {
-    case Q4_0: drive<Kern<Q4_0>>(j, n0, n1); break;
-    case Q4_1: drive<Kern<Q4_1>>(j, n0, n1); break;
-    case Q5_0: drive<Kern<Q5_0>>(j, n0, n1); break;
-    case Q5_1: drive<Kern<Q5_1>>(j, n0, n1); break;
-    case Q8_0: drive<Kern<Q8_0>>(j, n0, n1); break;
-    case Q2_K: drive<Kern<Q2_K>>(j, n0, n1); break;
-    case Q3_K: drive<Kern<Q3_K>>(j, n0, n1); break;
-    case Q4_K: drive<Kern<Q4_K>>(j, n0, n1); break;
-    case Q5_K: drive<Kern<Q5_K>>(j, n0, n1); break;
-    case Q6_K: drive<Kern<Q6_K>>(j, n0, n1); break;
+// The int16 mode's quantize_row (scalar::quantize_row16's results): d = max|x| / 32767, q
+// stored as pos16 says. Block b of 32 is half b % 2 of its 64: values 0-7 and 16-23 go to
+// 16 contiguous int16 at 64 * (b / 2) + 16 * (b % 2), values 8-15 and 24-31 32 further.
+bool quantize_row16(const float* x, int64_t K, int64_t kp, int16_t* q, float* d32, float* d16,
+                    float* s32, float* s16) {
+  const __m256 zero = _mm256_setzero_ps(), abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 probe = zero;
+  int64_t b = 0;
+  for (; 32 * b < K; ++b) {
+    __m256 v[4];
+    __m256 mx = zero;
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(x + 32 * b + 8 * i);
+      probe = _mm256_add_ps(probe, _mm256_mul_ps(v[i], zero));
+      mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], abs_mask));
+    }
+    const float amax = hmax(mx);
+    const float d = amax / 32767.f, id = amax > 0.f ? 32767.f / amax : 0.f;
+    __m256i qi[4];
+    for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+    // packs interleave 128-bit lanes (a[0:4] b[0:4] a[4:8] b[4:8]); the permute undoes it.
+    int16_t* out = q + 64 * (b >> 1) + 16 * (b & 1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                        _mm256_permute4x64_epi64(_mm256_packs_epi32(qi[0], qi[2]), 0xD8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32),
+                        _mm256_permute4x64_epi64(_mm256_packs_epi32(qi[1], qi[3]), 0xD8));
+    const int s0 = hsum_i32(_mm256_add_epi32(qi[0], qi[1])), s1 = hsum_i32(_mm256_add_epi32(qi[2], qi[3]));
+    d32[b] = d16[2 * b] = d16[2 * b + 1] = d;
+    s16[2 * b] = d * s0;
+    s16[2 * b + 1] = d * s1;
+    s32[b] = d * (s0 + s1);
   }
+  for (; b < kp / 32; ++b) {
+    int16_t* out = q + 64 * (b >> 1) + 16 * (b & 1);
+    std::memset(out, 0, 32);
+    std::memset(out + 32, 0, 32);
+    d32[b] = s32[b] = d16[2 * b] = d16[2 * b + 1] = s16[2 * b] = s16[2 * b + 1] = 0.f;
+  }
+  return hsum(probe) == 0.f;
+}
+
+template <bool W16>
+void run_mode(const Job& j, int qtype, int64_t n0, int64_t n1) {
+  switch (qtype) {
+    case Q4_0: drive<Kern<Q4_0, W16>>(j, n0, n1); break;
+    case Q4_1: drive<Kern<Q4_1, W16>>(j, n0, n1); break;
+    case Q5_0: drive<Kern<Q5_0, W16>>(j, n0, n1); break;
+    case Q5_1: drive<Kern<Q5_1, W16>>(j, n0, n1); break;
+    case Q8_0: drive<Kern<Q8_0, W16>>(j, n0, n1); break;
+    case Q2_K: drive<Kern<Q2_K, W16>>(j, n0, n1); break;
+    case Q3_K: drive<Kern<Q3_K, W16>>(j, n0, n1); break;
+    case Q4_K: drive<Kern<Q4_K, W16>>(j, n0, n1); break;
+    case Q5_K: drive<Kern<Q5_K, W16>>(j, n0, n1); break;
+    case Q6_K: drive<Kern<Q6_K, W16>>(j, n0, n1); break;
+  }
+}
+
+void run(const Job& j, int qtype, int64_t n0, int64_t n1) {
+  if (j.x.q16) run_mode<true>(j, qtype, n0, n1);
+  else run_mode<false>(j, qtype, n0, n1);
 }
 
 }  // namespace YQ_NS

@@ -228,11 +228,27 @@ inline __m512i dot_signed(__m512i w, __m512i x) {
   return dot(_mm512_abs_epi8(w), _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x));
 }
 
-template <int QT>
+// The int16 mode (see pos16 in quant.h): the 64 weight bytes widened to two vectors of
+// 32 int16 (bytes 0-7 and 8-15 of each 16: unpacklo/hi, no lane crossing; signed bytes
+// sign-extended) against x's two 32-value halves, as stored. i32 lane L sums 4 products
+// of values in 16-value quarter L / 4, the same groups as the int8 dot's lanes.
+template <bool Signed>
+inline __m512i dot16(__m512i u, const int16_t* x) {
+  const __m512i high = Signed ? _mm512_movm_epi8(_mm512_movepi8_mask(u)) : _mm512_setzero_si512();
+  const __m512i lo = _mm512_unpacklo_epi8(u, high), hi = _mm512_unpackhi_epi8(u, high);
+#if YQ_VNNI
+  return _mm512_dpwssd_epi32(_mm512_madd_epi16(lo, load512(x)), hi, load512(x + 32));
+#else
+  return _mm512_add_epi32(_mm512_madd_epi16(lo, load512(x)), _mm512_madd_epi16(hi, load512(x + 32)));
+#endif
+}
+
+template <int QT, bool W16>
 struct Kern {
   static constexpr int kMaxRows = 8;
   static constexpr int NG = Format<QT>::groups;
   static constexpr bool kSigned = QT == Q8_0 && !YQ_VNNI;
+  using XT = typename std::conditional<W16, int16_t, int8_t>::type;  // x's quantized values
 
   // Lane -> group index for vector s of a chunk.
   static __m512i spread(int s) {
@@ -249,7 +265,7 @@ struct Kern {
   // One chunk of R weight rows against MB rows of x, into acc. Of a row's partial last
   // chunk (blocks of 32 only) only the blocks there are read, and their vectors dotted.
   template <bool Whole, int R, int MB>
-  __attribute__((always_inline)) static inline void chunk(const Job& j, const uint8_t* const* w, int64_t ch, const int8_t* xq,
+  __attribute__((always_inline)) static inline void chunk(const Job& j, const uint8_t* const* w, int64_t ch, const XT* xq,
                            const float* dg, const float* sg, int64_t gpr, const __m512i* idx,
                            __m512 (*acc)[MB]) {
     constexpr int CB = chunk_bytes<QT>();
@@ -260,12 +276,17 @@ struct Kern {
       Chunk c;
       decode<QT>(w[r] + ch * CB, c, nb);
       for (int m = 0; m < MB; ++m) {
-        const int8_t* x = xq + m * kp + ch * kChunk;
+        const XT* x = xq + m * kp + ch * kChunk;
         const __m512 sc = _mm512_mul_ps(c.a, group_floats(dg + m * gpr + ch * NG));
         __m512 am = _mm512_fmadd_ps(c.c, group_floats(sg + m * gpr + ch * NG), acc[r][m]);
         for (int v = 0; v < nv; ++v) {
-          const __m512i xv = load512(x + 64 * v);
-          const __m512i i = kSigned ? dot_signed(c.u[v], xv) : dot(c.u[v], xv);
+          __m512i i;
+          if constexpr (W16) {
+            i = dot16<kSigned>(c.u[v], reinterpret_cast<const int16_t*>(x) + 64 * v);
+          } else {
+            const __m512i xv = load512(x + 64 * v);
+            i = kSigned ? dot_signed(c.u[v], xv) : dot(c.u[v], xv);
+          }
           am = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_permutexvar_ps(idx[v], sc), am);
         }
         acc[r][m] = am;
@@ -281,7 +302,8 @@ struct Kern {
     const int64_t kp = j.x.kp, gpr = kp / (256 / NG);  // groups per row of x
     const float* dg = (NG == 8 ? j.x.d32 : j.x.d16) + m0 * gpr;
     const float* sg = (NG == 8 ? j.x.s32 : j.x.s16) + m0 * gpr;
-    const int8_t* xq = j.x.q + m0 * kp;
+    const XT* xq = reinterpret_cast<const XT*>(W16 ? static_cast<const void*>(j.x.q16)
+                                                   : static_cast<const void*>(j.x.q)) + m0 * kp;
     int64_t nr[R];
     const uint8_t* w[R];
     for (int r = 0; r < R; ++r) {
@@ -321,19 +343,25 @@ struct Kern {
   }
 };
 
-void run(const Job& j, int qtype, int64_t n0, int64_t n1) {
+template <bool W16>
+void run_mode(const Job& j, int qtype, int64_t n0, int64_t n1) {
   switch (qtype) {
-    case Q4_0: drive<Kern<Q4_0>>(j, n0, n1); break;
-    case Q4_1: drive<Kern<Q4_1>>(j, n0, n1); break;
-    case Q5_0: drive<Kern<Q5_0>>(j, n0, n1); break;
-    case Q5_1: drive<Kern<Q5_1>>(j, n0, n1); break;
-    case Q8_0: drive<Kern<Q8_0>>(j, n0, n1); break;
-    case Q2_K: drive<Kern<Q2_K>>(j, n0, n1); break;
-    case Q3_K: drive<Kern<Q3_K>>(j, n0, n1); break;
-    case Q4_K: drive<Kern<Q4_K>>(j, n0, n1); break;
-    case Q5_K: drive<Kern<Q5_K>>(j, n0, n1); break;
-    case Q6_K: drive<Kern<Q6_K>>(j, n0, n1); break;
+    case Q4_0: drive<Kern<Q4_0, W16>>(j, n0, n1); break;
+    case Q4_1: drive<Kern<Q4_1, W16>>(j, n0, n1); break;
+    case Q5_0: drive<Kern<Q5_0, W16>>(j, n0, n1); break;
+    case Q5_1: drive<Kern<Q5_1, W16>>(j, n0, n1); break;
+    case Q8_0: drive<Kern<Q8_0, W16>>(j, n0, n1); break;
+    case Q2_K: drive<Kern<Q2_K, W16>>(j, n0, n1); break;
+    case Q3_K: drive<Kern<Q3_K, W16>>(j, n0, n1); break;
+    case Q4_K: drive<Kern<Q4_K, W16>>(j, n0, n1); break;
+    case Q5_K: drive<Kern<Q5_K, W16>>(j, n0, n1); break;
+    case Q6_K: drive<Kern<Q6_K, W16>>(j, n0, n1); break;
   }
+}
+
+void run(const Job& j, int qtype, int64_t n0, int64_t n1) {
+  if (j.x.q16) run_mode<true>(j, qtype, n0, n1);
+  else run_mode<false>(j, qtype, n0, n1);
 }
 
 }  // namespace YQ_NS
