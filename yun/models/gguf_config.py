@@ -54,6 +54,10 @@ _DEEPSEEK: dict[str, str] = {
     "v_head_dim": "attention.value_length_mla",
 }
 
+_NUMERIC = ({*_COMMON.values(), *_MOE.values(), *_DEEPSEEK.values()} - {"expert_weights_norm"}) | {
+    "vocab_size", "attention.key_length", "attention.key_length_mla", "rope.scaling.factor",
+    "rope.scaling.original_context_length", "expert_gating_func"}
+
 # llama.cpp's expert gating functions (LLAMA_EXPERT_GATING_FUNC_TYPE).
 _GATING_SOFTMAX, _GATING_SIGMOID = 1, 2
 
@@ -79,6 +83,10 @@ def hf_config(meta: Callable[[str], Any], n_vocab: int, tensor_names: set[str],
         value = meta(f"{arch}.{key}")
         if value is None and required:
             raise MetadataError(f"{label}: metadata key {arch}.{key} is missing")
+        if value is not None and key in _NUMERIC and (
+                isinstance(value, (str, bool, list)) or not isinstance(value, (int, float))):
+            raise MetadataError(f"{label}: metadata key {arch}.{key} should be a number, "
+                                f"got {value!r}")
         return value
 
     hf: dict[str, Any] = {"architectures": [ARCHITECTURES[arch]], "model_type": arch,
