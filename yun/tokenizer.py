@@ -39,12 +39,16 @@ class Tokenizer:
         try:
             hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
                                                gguf_file=os.path.basename(path))
-        except Exception as e:
-            raise ValueError(f"{path}: cannot build the tokenizer from the GGUF metadata "
-                             f"({e})") from e
+        except Exception as first:  # e.g. an architecture transformers does not model
+            try:
+                hf = _tokenizer_from_gguf_fields(path)
+            except Exception as e:
+                raise ValueError(f"{path}: cannot build the tokenizer from the GGUF "
+                                 f"metadata ({first}; {e})") from e
         tmp = f"{cached}.tmp-{os.getpid()}"
         try:
             hf.save_pretrained(tmp)
+            _generic_class(tmp)
             os.replace(tmp, cached)
         except OSError:
             pass  # a read-only cache only costs time
@@ -118,6 +122,31 @@ class Tokenizer:
     @property
     def pad_token(self) -> str | None:
         return self.hf.pad_token
+
+
+def _tokenizer_from_gguf_fields(path: str) -> PreTrainedTokenizerBase:
+    """transformers' GGUF tokenizer converters, without its model config (which rejects
+    architectures it has no model for, such as deepseek2)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    arch, fields, config = get_gguf_tokenizer(path)
+    backend, extra = convert_gguf_tokenizer(arch, fields)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+
+
+def _generic_class(folder: str) -> None:
+    """Reload the cached tokenizer.json as it is: a model-specific class (Qwen2Tokenizer)
+    would rebuild its pipeline on load (transformers 5 adds an NFC normalizer), and the
+    cached tokenizer would then encode differently from the first load."""
+    import json
+
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, ensure_ascii=False)
 
 
 def _gguf_tokenizer_cache(path: str) -> str:

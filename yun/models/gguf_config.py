@@ -109,8 +109,6 @@ def hf_config(meta: Callable[[str], Any], n_vocab: int, tensor_names: set[str],
     hf["tie_word_embeddings"] = "output.weight" not in tensor_names
     if (key_length := get("attention.key_length")) and arch != "deepseek2":
         hf["head_dim"] = key_length  # Qwen3: head_dim != hidden / heads
-    if arch == "qwen2":
-        hf["attention_bias"] = "blk.0.attn_q.bias" in tensor_names  # our Qwen2 reads it
     if arch == "llama":
         hf["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
         hf["mlp_bias"] = "blk.0.ffn_up.bias" in tensor_names
@@ -145,6 +143,7 @@ def _deepseek(hf: dict[str, Any], get: Callable[..., Any], label: str) -> None:
     key_mla = get("attention.key_length_mla", required=True)
     hf["qk_nope_head_dim"] = key_mla - hf["qk_rope_head_dim"]
     hf["num_key_value_heads"] = hf["num_attention_heads"]  # GGUF says 1 (MQA form of MLA)
+    hf["head_dim"] = hf["qk_rope_head_dim"]  # as transformers' DeepseekV3Config sets it
     hf["rope_interleave"] = True
     hf["topk_method"] = "noaux_tc"
     hf["scoring_func"] = "sigmoid"
