@@ -87,7 +87,14 @@ def models(gguf_models):
     return gguf_models
 
 
-@pytest.fixture(scope="module", params=[(k, q) for k in KINDS for q in QTYPES],
+# F32 and Q8_0 for every architecture; F16 and BF16 (the same dense loading code for every
+# family) each on two architectures, to keep the suite's time in check.
+CASES = ([(k, q) for k in KINDS for q in ("F32", "Q8_0")]
+         + [("llama", "F16"), ("qwen2moe", "F16"), ("qwen3", "BF16"), ("deepseek2", "BF16")])
+assert {q for _, q in CASES} == set(QTYPES)
+
+
+@pytest.fixture(scope="module", params=CASES,
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def case(request, models):
     kind, qtype = request.param
