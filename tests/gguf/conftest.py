@@ -288,3 +288,12 @@ def gguf_models(tmp_path_factory) -> GGUFModels:
 def smollm2() -> str:
     return str(require_smollm2())
 
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
