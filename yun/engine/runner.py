@@ -94,6 +94,7 @@ class ModelRunner:
         set_bf16_backend(self._bf16_kernels())
         set_decode_backend(self._decode_kernel())
         set_fused_backend(self._fused_ops())
+        self.has_quantized_weights = any(isinstance(m, QuantWeight) for m in self.model.modules())
         set_quant_backend(self._quant_kernels())
         if tp is None or tp.rank == 0:
             print(f"yun: {self.describe()}", file=sys.stderr, flush=True)
@@ -123,23 +124,22 @@ class ModelRunner:
         from yun.layers.linear import bf16_backend_name
         from yun.layers.quantized import quant_backend_name
 
+        from yun.kernels import native_isa
+        from yun.kernels.cpu import describe
+
         weights = weight_summary(self.model)
         if self.device.type != "cpu":
             return f"{self.device}: torch kernels; weights {weights}"
-        from yun.kernels.cpu import describe
-
-        quant = quant_backend_name() if "Q" in weights else None
-        from yun.kernels import native_isa
-
+        quant = quant_backend_name() if self.has_quantized_weights else "-"
         build = native_isa(isa=self._isa) if self.config.native_kernels else None
         kernels = (f"native build: {build or 'none'}, bf16 matmul: {bf16_backend_name()}, "
                    f"decode attention: {decode_backend_name()}")
-        return f"{describe(quant or '-')}; {kernels}; weights {weights}"
+        return f"{describe(quant)}; {kernels}; weights {weights}"
 
     def _quant_kernels(self):
         """The native quantized matmuls, built only for a model with quantized weights."""
         if not (self.config.native_kernels and self.device.type == "cpu"
-                and any(isinstance(m, QuantWeight) for m in self.model.modules())):
+                and self.has_quantized_weights):
             return None
         from yun import kernels
 
