@@ -45,9 +45,17 @@ class LLM:
         return self.engine.tokenizer
 
     def shutdown(self) -> None:
-        """Stop the engine's worker processes (tensor_parallel_size > 1); nothing to do
-        otherwise. They also stop when this process exits."""
+        """Stop the engine's worker processes and leave its process group
+        (tensor_parallel_size > 1); nothing to do otherwise. Idempotent. They also stop
+        when the LLM is garbage-collected, at the end of a `with LLM(...) as llm:` block,
+        and when this process exits."""
         self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

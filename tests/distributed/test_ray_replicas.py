@@ -126,6 +126,38 @@ def complete(server: LiveServer, ids: list[int], max_tokens: int = 4) -> dict:
     return r.json()
 
 
+def test_replicas_are_released_by_shutdown_by_with_and_by_del(ray_cluster, qwen2_path):
+    """A second front end in the same process after the first went away: each one's
+    actors are killed when it is shut down, leaves its `with` block or is dropped.
+    Runs before the module's 2-replica fixture exists (the cluster has 2 CPUs)."""
+    import gc
+
+    from yun.distributed.ray_replicas import RayReplicas
+
+    config = EngineConfig(model=qwen2_path, kv_cache_memory=KV_BYTES, num_threads=1)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    with RayReplicas(config, replicas=1) as first:
+        pid = first.replica_states()[0]["pid"]
+        assert first.is_alive and not gone(pid)
+    assert not first.is_alive and wait_until(lambda: gone(pid))
+    first.shutdown()  # again: nothing to do
+
+    second = RayReplicas(config, replicas=1)
+    pid = second.replica_states()[0]["pid"]
+    assert second.is_alive and not gone(pid)
+    del second
+    gc.collect()
+    assert wait_until(lambda: gone(pid))
+    assert ray_cluster.is_initialized()  # not ours to stop: the fixture started it
+
+
 def test_requests_are_spread_over_both_replicas(replicas, qwen2_path):
     before = [s["routed"] for s in states(replicas)]
     results: list[dict] = []
@@ -199,3 +231,4 @@ def test_a_killed_replica_fails_its_stream_is_restarted_and_the_service_keeps_an
         if back()["routed"] > before:
             break
     assert back()["routed"] > before
+

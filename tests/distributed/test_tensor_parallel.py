@@ -159,3 +159,30 @@ def test_a_worker_that_dies_while_starting_is_an_error_not_a_hang(qwen2_path, mo
     with pytest.raises(WorkerDiedError, match="rank 1 .* exited with code 1 while starting"):
         LLM(qwen2_path, kv_cache_memory=KV_BYTES, tensor_parallel_size=2)
     assert time.monotonic() - start < 30
+
+
+# ---- engines that clean up -------------------------------------------------------------------
+def test_a_tp_engine_is_released_by_its_with_block_and_by_del(dense_path):
+    """One process holds one torch.distributed group at a time: leaving `with LLM(...)`
+    or dropping the LLM must free it (workers stopped, group destroyed), so the next
+    tensor-parallel LLM can start. shutdown() stays idempotent."""
+    import gc
+
+    import torch.distributed as dist
+
+    ref = reference(dense_path, PROMPTS[:2])
+    with LLM(dense_path, dtype="float32", kv_cache_memory=KV_BYTES,
+             tensor_parallel_size=2) as llm:
+        first_worker = llm.engine.tp.workers[0]
+        assert_same_generations(llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:2]],
+                                             GREEDY), ref)
+    assert first_worker.poll() is not None and not dist.is_initialized()
+    llm.shutdown()  # again: nothing to do
+
+    llm = LLM(dense_path, dtype="float32", kv_cache_memory=KV_BYTES, tensor_parallel_size=2)
+    worker = llm.engine.tp.workers[0]
+    assert_same_generations(llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:2]],
+                                         GREEDY), ref)
+    del llm
+    gc.collect()
+    assert worker.wait(timeout=15) is not None and not dist.is_initialized()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import gc
 import json
 import os
 import signal
@@ -280,6 +281,8 @@ def connect(config: EngineConfig, rdv: Rendezvous,
     device = _rank_device(config, rdv)
     config = _rank_config(config, rdv, device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if dist.is_initialized() and rdv.rank == 0:
+        gc.collect()  # an engine dropped inside a reference cycle: its finalizer leaves
     owns = not dist.is_initialized()
     if owns:
         store = dist.TCPStore(rdv.master_addr, rdv.master_port, rdv.world_size,

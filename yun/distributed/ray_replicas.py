@@ -33,6 +33,7 @@ import itertools
 import logging
 import os
 import sys
+import weakref
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, AsyncIterator, Sequence
@@ -206,6 +207,16 @@ class _ReplicaState:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def _release_replicas(ray: Any, actors: list[Any], owns_ray: bool) -> None:
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    if owns_ray and ray.is_initialized():
+        ray.shutdown()
+
+
 class RayReplicas:
     """N replicas on Ray behind AsyncEngine's interface. Loads every replica before
     returning; `start()` (from the server's event loop) begins listening to them."""
@@ -228,6 +239,10 @@ class RayReplicas:
         replica_config = replace(config, num_threads=self._threads(config, replicas))
         self._replicas = [_ReplicaState(i, actor.remote(replica_config))
                           for i in range(replicas)]
+        # The actors (and Ray, if started here) go when this object does, not only on
+        # shutdown(); the finalizer holds the actor handles, not the front end.
+        self._release = weakref.finalize(self, _release_replicas, ray,
+                                         [r.actor for r in self._replicas], self._owns_ray)
         try:
             infos = ray.get([r.actor.info.remote() for r in self._replicas],
                             timeout=start_timeout)
@@ -301,13 +316,17 @@ class RayReplicas:
                 loop.call_soon_threadsafe(self._stop_tasks)
             except RuntimeError:  # the loop is gone
                 pass
-        for r in self._replicas:
-            try:
-                self.ray.kill(r.actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-        if self._owns_ray:
+        release = getattr(self, "_release", None)
+        if release is not None:
+            release()  # kills the actors (and stops Ray if started here) once
+        elif self._owns_ray:
             self.ray.shutdown()
+
+    def __enter__(self) -> "RayReplicas":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def _stop_tasks(self) -> None:
         for r in self._replicas:

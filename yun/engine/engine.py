@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 
 from yun.config import EngineConfig, ModelConfig
@@ -56,12 +57,16 @@ class LLMEngine:
             from yun.distributed.parallel import start_tensor_parallel
 
             self.tp = start_tensor_parallel(config, self.model_config)
+        # Workers and process groups go when the engine does (`del`, garbage collection),
+        # not only on shutdown(): the finalizer holds the group, not the engine.
+        self._release = weakref.finalize(self, self.tp.shutdown) if self.tp else None
         try:
             self.runner = ModelRunner(self.model_config, self.tp.config if self.tp else config,
                                       self.tp)
             num_blocks = self.runner.allocate_kv_cache(config.kv_cache_memory)
         except BaseException:
-            if self.tp is not None:
+            if self._release is not None:
+                self._release.detach()
                 self.tp.shutdown(graceful=False)
             raise
         capacity = num_blocks * config.block_size
@@ -167,8 +172,8 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the engine's other processes, if any (tensor-parallel workers). Idempotent;
         the engine cannot step afterwards."""
-        if self.tp is not None:
-            self.tp.shutdown()
+        if self._release is not None:
+            self._release()  # runs tp.shutdown once, however often it is called
 
     def has_unfinished(self) -> bool:
         return bool(self._parents)
