@@ -20,6 +20,13 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+# Default KV-cache size (yun/engine/device.py applies them; the --kv-cache-memory help
+# quotes them): a share of the RAM available now on CPU, capped; of free memory on CUDA.
+KV_CACHE_CPU_FRACTION = 0.25
+KV_CACHE_CPU_MAX = 4 * 2**30
+KV_CACHE_GPU_FRACTION = 0.8
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = _opt(
@@ -43,7 +50,9 @@ class EngineConfig:
     block_size: int = _opt(16, "Tokens per KV-cache block.")
     kv_cache_memory: int | None = _opt(
         None, "KV-cache size in bytes (suffixes K, M, G accepted on the CLI). Default: "
-        "40%% of free RAM on CPU (at most 8 GiB), 80%% of free GPU memory on CUDA.")
+        f"{round(KV_CACHE_CPU_FRACTION * 100)}%% of the available RAM on CPU (at most "
+        f"{KV_CACHE_CPU_MAX >> 30} GiB), {round(KV_CACHE_GPU_FRACTION * 100)}%% of the free "
+        "GPU memory on CUDA.")
     max_num_seqs: int = _opt(64, "Most requests that run in one engine step.")
     max_num_batched_tokens: int | None = _opt(
         None, "Token budget of one engine step (prefill chunks plus decodes). A step's "
@@ -54,15 +63,20 @@ class EngineConfig:
     enable_prefix_caching: bool = _opt(
         True, "Reuse the KV cache of prompt prefixes seen before.")
     native_kernels: bool = _opt(
-        True, "Use yun's compiled CPU kernels where they beat torch's (bfloat16 decode on "
-        "AVX-512 or AVX2); built on first use, torch's kernels otherwise.")
+        True, "Use yun's compiled CPU kernels where they beat torch's: GGUF-quantized "
+        "matmuls (int8 dot products on AVX-512 VNNI / AVX2), bfloat16 GEMV/GEMM (bf16 "
+        "widened to fp32 in the kernel; float32 weights use torch's), paged-attention decode, fused RMSNorm, "
+        "rotary and SiLU-mul. Built on first use for the CPU's ISA (AVX-512 or AVX2); "
+        "torch's kernels where none can be built or run. --no-native-kernels: torch only.")
     kernel_isa: str = _opt(
         "auto", "Which build of the native CPU kernels: auto (the best this CPU runs), "
         "avx512, or avx2 (e.g. to compare the two on an AVX-512 CPU). A build the CPU "
         "cannot run means torch's kernels.", choices=KERNEL_ISAS)
     seed: int = _opt(0, "Seed for requests that give none.")
     num_threads: int | None = _opt(
-        None, "CPU threads for torch. Default: one per physical core available.")
+        None, "CPU threads for torch and the native kernels. Default: one per logical CPU "
+        "this process may run on (its affinity mask), shared out between tensor-parallel "
+        "ranks and replicas.")
     tensor_parallel_size: int = _opt(
         1, "Split the model over this many processes (ranks) on torch.distributed: gloo on "
         "CPU, NCCL on CUDA (one GPU per rank). yun starts the ranks on this machine, or "

@@ -36,8 +36,8 @@ class CompletionOutput:
 class RequestOutput:
     """The state of one prompt's request: every completion so far.
 
-    Streaming consumers read `outputs[i].text` (full text so far) or the `delta_*` fields
-    (what is new since the previous RequestOutput for this request).
+    Each one is cumulative: `outputs[i].text` and `outputs[i].token_ids` hold everything
+    generated so far; a streaming consumer keeps what it sent and sends the rest.
     """
 
     request_id: str

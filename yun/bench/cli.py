@@ -184,7 +184,7 @@ def _check_peers(args: argparse.Namespace) -> None:
 
 
 def _default_threads() -> int:
-    from yun.engine.runner import default_threads
+    from yun.engine.device import default_threads
 
     return default_threads()
 

@@ -308,7 +308,7 @@ def measure_roofline(folder: str, dtype: str = "auto", threads: int | None = Non
     import torch
 
     from yun.config import ModelConfig
-    from yun.engine.runner import default_threads
+    from yun.engine.device import default_threads
 
     cost = model_cost(folder, dtype)
     threads = threads or default_threads()

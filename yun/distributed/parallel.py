@@ -314,7 +314,7 @@ def _await_workers(store: dist.TCPStore, world: int, workers: list[subprocess.Po
 
 
 def _rank_device(config: EngineConfig, rdv: Rendezvous) -> torch.device:
-    from yun.engine.runner import resolve_device
+    from yun.engine.device import resolve_device
 
     device = resolve_device(config.device)
     if device.type == "cuda":  # one GPU per rank on its machine
@@ -328,7 +328,7 @@ def _rank_device(config: EngineConfig, rdv: Rendezvous) -> torch.device:
 
 def _rank_config(config: EngineConfig, rdv: Rendezvous, device: torch.device) -> EngineConfig:
     """This rank's device, and (unless set) its share of this machine's CPU cores."""
-    from yun.engine.runner import default_threads
+    from yun.engine.device import default_threads
 
     threads = config.num_threads or max(1, default_threads() // rdv.local_world_size)
     return replace(config, device=str(device), num_threads=threads)

@@ -7,7 +7,6 @@ Shapes: T = tokens this step, B_d = decode rows, N = rows whose logits are compu
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from yun.config import EngineConfig, ModelConfig
+from yun.engine.device import default_kv_cache_bytes, default_threads, resolve_device
 from yun.engine.request import Request
 from yun.engine.sampler import Sampler, SamplingRow, logprobs_for
 from yun.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
@@ -34,33 +34,6 @@ if TYPE_CHECKING:
     from yun.distributed.parallel import TensorParallel
 
 PROMPT_LOGPROB_ROWS = 256  # logits rows per pass when scoring prompts (bounds memory)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return dev
-
-
-def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def default_kv_cache_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.8)
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        avail = 8 * 2**30
-    return int(min(avail * 0.25, 4 * 2**30))
 
 
 @dataclass

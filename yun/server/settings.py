@@ -40,8 +40,9 @@ class ServerSettings:
         5.0, "Seconds in-flight requests get to finish after Ctrl-C or SIGTERM before they "
         "are aborted.")
     log_level: str = _opt("info", "Server log level.", choices=LOG_LEVELS)
-    ui: bool = _opt(True, "Serve a small landing page at / with the endpoints and a curl "
-                    "line to try.")
+    ui: bool = _opt(True, "Serve the chat page at / (a browser chat over this server's own "
+                    "/v1/chat/completions: streaming, reasoning, tools, tokens/s). "
+                    "--no-ui: a plain landing page listing the endpoints and a curl line.")
     replicas: int = _opt(
         1, "Serve with this many full engines (replicas), each in its own Ray actor, behind "
         "this one HTTP front end; needs Ray (pip install 'yun[ray]'). Without "
