@@ -110,7 +110,7 @@ def _roofline(path: str, args: argparse.Namespace, dtype: str, threads: int | No
 
 # ---- yun bench throughput ------------------------------------------------------------------
 def cmd_throughput(args: argparse.Namespace) -> int:
-    from yun.cli import engine_config_from
+    from yun.cli_flags import engine_config_from
     from yun.config import ModelConfig
     from yun.model_source import DEMO_RANDOM, resolve_model
 
@@ -322,7 +322,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _add_throughput_parser(sub: argparse._SubParsersAction) -> None:
-    from yun.cli import add_dataclass_flags
+    from yun.cli_flags import add_dataclass_flags
     from yun.config import EngineConfig
 
     p = sub.add_parser(
@@ -416,7 +416,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_roofline_parser(sub: argparse._SubParsersAction) -> None:
-    from yun.cli import add_dataclass_flags
+    from yun.cli_flags import add_dataclass_flags
     from yun.config import EngineConfig
 
     p = sub.add_parser(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +37,16 @@ from yun.layers.moe import FusedExperts
 from yun.models.deepseek_v3 import MLAttention
 from yun.models.llama import MLP, Attention
 
-if TYPE_CHECKING:
-    from yun.distributed.parallel import TensorParallel
+class Collectives(Protocol):
+    """What a sharded model needs of its tensor-parallel group (parallel.TensorParallel
+    is one): this rank's place, the sum over ranks, the gather on rank 0."""
+
+    rank: int
+    world_size: int
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def gather_to_driver(self, x: torch.Tensor) -> torch.Tensor | None: ...
 
 
 def check_shardable(cfg: ModelConfig, n: int) -> None:
@@ -62,7 +70,7 @@ def check_shardable(cfg: ModelConfig, n: int) -> None:
 
 
 @torch.no_grad()
-def shard_model(model: nn.Module, tp: "TensorParallel") -> None:
+def shard_model(model: nn.Module, tp: Collectives) -> None:
     """Keep rank tp.rank's share of every weight, in place; install the collectives."""
     n, r = tp.world_size, tp.rank
     check_shardable(model.cfg, n)
@@ -89,7 +97,7 @@ def shard_model(model: nn.Module, tp: "TensorParallel") -> None:
     model.cfg = replace(model.cfg, num_heads=first.h, num_kv_heads=kvh)
 
 
-def _all_reduce_hook(tp: "TensorParallel"):
+def _all_reduce_hook(tp: Collectives):
     def hook(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
         return tp.all_reduce(output)
 
@@ -185,7 +193,7 @@ def _shard_ffn(mlp: nn.Module, r: int, n: int) -> None:
 class VocabParallelEmbedding(nn.Module):
     """Rows [start, start + size) of the table (padded to the shard size)."""
 
-    def __init__(self, weight: nn.Parameter, start: int, size: int, tp: "TensorParallel"):
+    def __init__(self, weight: nn.Parameter, start: int, size: int, tp: Collectives):
         super().__init__()
         self.weight, self.start, self.size, self.tp = weight, start, size, tp
 
@@ -199,7 +207,7 @@ class VocabParallelEmbedding(nn.Module):
 class VocabParallelHead(nn.Module):
     """The head's rows for this rank's vocabulary shard; logits gathered on rank 0."""
 
-    def __init__(self, weight: nn.Parameter, vocab: int, tp: "TensorParallel"):
+    def __init__(self, weight: nn.Parameter, vocab: int, tp: Collectives):
         super().__init__()
         self.weight, self.vocab, self.tp = weight, vocab, tp
 
@@ -209,7 +217,7 @@ class VocabParallelHead(nn.Module):
         return part if full is None else full[:, :self.vocab]  # [N, V] on rank 0
 
 
-def _shard_vocab(model: nn.Module, tp: "TensorParallel") -> None:
+def _shard_vocab(model: nn.Module, tp: Collectives) -> None:
     embed, head = model.model.embed_tokens, model.lm_head
     if head.bias is not None:
         raise NotImplementedError("tensor parallelism: a head with a bias")

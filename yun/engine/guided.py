@@ -20,15 +20,12 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from yun.sampling_params import GuidedDecoding
-
-if TYPE_CHECKING:
-    from yun.engine.sampler import SamplingRow
 
 log = logging.getLogger("yun.engine")
 
@@ -183,7 +180,15 @@ def _apply_on_cpu(logits: torch.Tensor, bitmask: torch.Tensor, idx: list[int]) -
         np.copyto(x[i], -np.inf, where=forbidden[j])
 
 
-def apply_grammar_masks(logits: torch.Tensor, rows: "list[SamplingRow]") -> None:
+class GuidedRow(Protocol):
+    """What the masks read of a sampler row (engine.sampler.SamplingRow is one)."""
+
+    grammar: "GrammarState | None"
+    params: Any  # SamplingParams: min_tokens
+    output_token_ids: list[int]
+
+
+def apply_grammar_masks(logits: torch.Tensor, rows: Sequence[GuidedRow]) -> None:
     """Mask, in place, the tokens each guided row's grammar forbids. logits: [B, V].
 
     Rows without a grammar (or whose constraint has not started) are left untouched.

@@ -19,13 +19,12 @@ from typing import Iterator
 
 import torch
 from gguf import GGMLQuantizationType
-from torch import nn
 
 from yun.config import ModelConfig
 from yun.layers import quantized
 from yun.layers.quant_linear import FLOAT_TYPES, QuantTensor
 from yun.models.errors import CheckpointError
-from yun.models.gguf_file import GGUFFile, open_gguf
+from yun.models.gguf_file import GGUFFile
 
 # GGUF name pattern -> HF name template ({0}, {1}, ... are the pattern's groups).
 _NAMES: list[tuple[re.Pattern[str], str]] = [(re.compile(p), t) for p, t in [
@@ -139,12 +138,3 @@ def _merge_kv_b(parts: dict[str, QuantTensor], name: str) -> QuantTensor:
     kv_b = torch.cat([k_b.transpose(1, 2), v_b], dim=1)  # [H, Dn + Dv, L]
     return _dense(kv_b.reshape(-1, kv_b.shape[-1]), name)
 
-
-def load_gguf_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    from yun.models.loader import build_empty_model, load_tensors
-
-    gf = open_gguf(cfg.path)
-    model = build_empty_model(cfg, dtype, device, cfg.path)
-    load_tensors(model, gguf_tensors(gf, cfg), cfg.path, keep_quantized=True)
-    model.eval()
-    return model

@@ -240,13 +240,17 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                quantization: str | None = None) -> nn.Module:
     """An HF folder or a GGUF file (cfg.path) -> the loaded model in eval mode;
     `quantization` quantizes an HF checkpoint's dense weights while loading."""
-    if cfg.is_gguf:
-        from yun.models.gguf_loader import load_gguf_model
+    if cfg.is_gguf:  # quantized tensors stay quantized
+        from yun.models.gguf_file import open_gguf
+        from yun.models.gguf_loader import gguf_tensors
 
-        return load_gguf_model(cfg, dtype, device)
-    files = checkpoint_files(cfg.path)
-    model = build_empty_model(cfg, dtype, device, os.path.join(cfg.path, "config.json"))
-    load_tensors(model, iter_tensors(files), os.path.dirname(files[0]),
-                 quantize_to=quantization)
+        model = build_empty_model(cfg, dtype, device, cfg.path)
+        load_tensors(model, gguf_tensors(open_gguf(cfg.path), cfg), cfg.path,
+                     keep_quantized=True)
+    else:
+        files = checkpoint_files(cfg.path)
+        model = build_empty_model(cfg, dtype, device, os.path.join(cfg.path, "config.json"))
+        load_tensors(model, iter_tensors(files), os.path.dirname(files[0]),
+                     quantize_to=quantization)
     model.eval()
     return model
