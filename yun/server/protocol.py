@@ -188,10 +188,12 @@ class Usage(BaseModel):
     completion_tokens: int = 0
     total_tokens: int = 0
     completion_tokens_details: dict[str, int] | None = None  # {"reasoning_tokens": N}
+    prompt_tokens_details: dict[str, int] | None = None  # {"cached_tokens": N}
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
-        return _without_unset_extras(handler(self), ("completion_tokens_details",))
+        return _without_unset_extras(handler(self), ("completion_tokens_details",
+                                                     "prompt_tokens_details"))
 
 
 class ToolCall(BaseModel):

@@ -8,6 +8,7 @@ hold several). Each job runs `AsyncEngine.generate`, whose outputs are cumulativ
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable
 
@@ -64,11 +65,18 @@ class Slot:
             self.owner.in_flight -= self.size
 
 
+def new_id(prefix: str, sep: str = "-") -> str:
+    """A fresh request id, e.g. `chatcmpl-<32 hex>` (also the engine's request id)."""
+    return f"{prefix}{sep}{uuid.uuid4().hex}"
+
+
 def usage(outputs: list[RequestOutput | None], jobs: list[Job]) -> Usage:
     prompt = sum(len(j.prompt_ids) for j in jobs)
     completion = sum(len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
+    cached = sum(o.num_cached_tokens for o in outputs if o is not None)
     return Usage(prompt_tokens=prompt, completion_tokens=completion,
-                 total_tokens=prompt + completion)
+                 total_tokens=prompt + completion,
+                 prompt_tokens_details={"cached_tokens": cached})
 
 
 class OpenAIServing:
