@@ -294,7 +294,9 @@ class AnthropicMessages:
     async def __call__(self, req: MessagesRequest, raw: Request) -> Response:
         arrival = time.perf_counter()
         chat = to_chat_request(req, self.pipeline.thinks)
-        prep = await self.pipeline.prepare(chat, new_id("msg", "_"))
+        prep = await self.pipeline.prepare(chat, new_id("msg", "_"),
+                                           {"stop": "stop_sequences",
+                                            "response_format": "output_config.format"})
         stops = list(req.stop_sequences or [])
         slot = self.serving.admit(1)
         if req.stream:

@@ -23,6 +23,7 @@ from yun.server.protocol import (ChatCompletionRequest, CompletionRequest, Detok
 from yun.server.anthropic import AnthropicMessages, CountTokensRequest, MessagesRequest
 from yun.server.chat import ChatCompletions
 from yun.server.chat_pipeline import ChatPipeline
+from yun.server.responses import Responses, ResponsesRequest
 from yun.server.completions import Completions
 from yun.model_source import DEFAULT_MODEL_NAME
 from yun.server.serving import OpenAIServing
@@ -64,6 +65,7 @@ def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
     pipeline = ChatPipeline(serving)
     chat, complete = ChatCompletions(pipeline), Completions(serving)
     messages = AnthropicMessages(pipeline)
+    responses = Responses(pipeline)
     created = int(time.time())
 
     @asynccontextmanager
@@ -84,6 +86,18 @@ def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         return await complete(req, raw)
+
+    @app.post("/v1/responses")
+    async def create_response(req: ResponsesRequest, raw: Request) -> Response:
+        return await responses(req, raw)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> dict[str, Any]:
+        return responses.retrieve(response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict[str, Any]:
+        return responses.delete(response_id)
 
     @app.post("/v1/messages")
     async def anthropic_messages(req: MessagesRequest, raw: Request) -> Response:
@@ -173,7 +187,8 @@ def _landing_page(model: str, base_url: str) -> str:
     esc = html.escape
     rows: list[tuple[str, Any]] = [
         ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/messages"),
-        ("POST", "/v1/messages/count_tokens"), ("GET", "/v1/models"),
+        ("POST", "/v1/messages/count_tokens"), ("POST", "/v1/responses"),
+        ("GET", "/v1/responses/{id}"), ("DELETE", "/v1/responses/{id}"), ("GET", "/v1/models"),
         ("GET", "/health"), ("GET", "/version"), ("GET", "/metrics"),
         ("GET", "/tokenizer_info"), ("POST", "/tokenize"), ("POST", "/detokenize"),
         ("GET", "/docs")]

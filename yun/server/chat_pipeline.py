@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from yun.outputs import CompletionOutput, RequestOutput
 from yun.sampling_params import SamplingParams
-from yun.server.errors import bad_request
+from yun.server.errors import APIError, bad_request
 from yun.server.parsing import MessageParser
 from yun.server.prompts import Prompt, render_chat
 from yun.server.protocol import ChatCompletionRequest, Usage, chat_sampling_params
@@ -67,10 +67,24 @@ class ChatPipeline:
                                        req.chat_template_kwargs, plan.tools)
 
     async def prepare(self, req: ChatCompletionRequest, request_id: str,
-                      params_hook: Callable[[SamplingParams], SamplingParams] | None = None
-                      ) -> PreparedChat:
-        """Everything that can fail with a 400, done before the response starts.
-        `params_hook` lets a front end adjust the sampling params (its own fields)."""
+                      names: dict[str, str] | None = None) -> PreparedChat:
+        """Everything that can fail with a 400, done before the response starts. `names`
+        renames chat fields in errors to the front end's own (max_tokens ->
+        max_output_tokens)."""
+        try:
+            return await self._prepare(req, request_id)
+        except APIError as e:
+            if names and e.param:
+                head = e.param.split(".")[0].split("[")[0]
+                if head in names:
+                    new = names[head] + e.param[len(head):]
+                    if e.message.startswith(e.param):
+                        e.message = new + e.message[len(e.param):]
+                    e.message = e.message.replace(f"{head} (", f"{names[head]} (")
+                    e.param = new
+            raise
+
+    async def _prepare(self, req: ChatCompletionRequest, request_id: str) -> PreparedChat:
         s = self.serving
         s.check_model(req.model)
         plan = plan_tools(req)
@@ -85,8 +99,6 @@ class ChatPipeline:
                                   f"it cannot be combined with {guided_param}", guided_param)
             guided, guided_param = plan.guided, "tools"
         params = chat_sampling_params(req, guided)
-        if params_hook is not None:
-            params = params_hook(params)
         if self._keeps_special(req, plan):
             params = replace(params, skip_special_tokens=False)
         text, ids = await self.render(req, plan)
