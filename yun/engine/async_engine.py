@@ -18,6 +18,7 @@ from typing import AsyncIterator
 from yun.config import EngineConfig
 from yun.engine.engine import LLMEngine
 from yun.engine.errors import EngineDeadError
+from yun.engine.pooling import PoolingConfig
 from yun.outputs import RequestOutput
 from yun.sampling_params import GuidedDecoding, SamplingParams
 
@@ -117,6 +118,11 @@ class AsyncEngine:
     def task(self) -> str:
         """"generate" or "embed" (the model serves /v1/embeddings only)."""
         return self.engine.task
+
+    @property
+    def pooling(self) -> PoolingConfig | None:
+        """How embeddings are pooled (None when the model serves text generation)."""
+        return self.engine.pooling
 
     @property
     def num_unfinished(self) -> int:

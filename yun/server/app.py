@@ -23,6 +23,7 @@ from yun.server.protocol import (ChatCompletionRequest, CompletionRequest, Detok
 from yun.server.anthropic import AnthropicMessages, CountTokensRequest, MessagesRequest
 from yun.server.chat import ChatCompletions
 from yun.server.chat_pipeline import ChatPipeline
+from yun.server.embeddings import EmbeddingRequest, Embeddings
 from yun.server.responses import Responses, ResponsesRequest
 from yun.server.completions import Completions
 from yun.model_source import DEFAULT_MODEL_NAME
@@ -66,6 +67,7 @@ def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
     chat, complete = ChatCompletions(pipeline), Completions(serving)
     messages = AnthropicMessages(pipeline)
     responses = Responses(pipeline)
+    embeddings = Embeddings(serving)
     created = int(time.time())
 
     @asynccontextmanager
@@ -86,6 +88,10 @@ def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         return await complete(req, raw)
+
+    @app.post("/v1/embeddings")
+    async def create_embeddings(req: EmbeddingRequest) -> dict[str, Any]:
+        return await embeddings(req)
 
     @app.post("/v1/responses")
     async def create_response(req: ResponsesRequest, raw: Request) -> Response:
@@ -187,7 +193,7 @@ def _landing_page(model: str, base_url: str) -> str:
     esc = html.escape
     rows: list[tuple[str, Any]] = [
         ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/messages"),
-        ("POST", "/v1/messages/count_tokens"), ("POST", "/v1/responses"),
+        ("POST", "/v1/messages/count_tokens"), ("POST", "/v1/embeddings"), ("POST", "/v1/responses"),
         ("GET", "/v1/responses/{id}"), ("DELETE", "/v1/responses/{id}"), ("GET", "/v1/models"),
         ("GET", "/health"), ("GET", "/version"), ("GET", "/metrics"),
         ("GET", "/tokenizer_info"), ("POST", "/tokenize"), ("POST", "/detokenize"),

@@ -86,7 +86,7 @@ class ChatPipeline:
 
     async def _prepare(self, req: ChatCompletionRequest, request_id: str) -> PreparedChat:
         s = self.serving
-        s.check_model(req.model)
+        s.check_model(req.model, task="generate")
         plan = plan_tools(req)
         if plan.mode == "auto" and self.tool_parser is None:
             raise bad_request("this model's chat template writes tool calls in no format yun "

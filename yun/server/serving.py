@@ -94,10 +94,17 @@ class OpenAIServing:
         self.draining = False  # set when the server shuts down
 
     # ---- checks ------------------------------------------------------------------------
-    def check_model(self, model: str | None) -> None:
+    def check_model(self, model: str | None, task: str | None = None) -> None:
+        """404 for another model's name; 400 when the model does not do `task`
+        ("generate" or "embed"; None: any)."""
         if model and model != self.model_name:
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
                            f"{self.model_name!r}", param="model", code="model_not_found")
+        served = getattr(self.engine, "task", "generate")
+        if task is not None and task != served:
+            what = ("embeddings (/v1/embeddings) only" if served == "embed"
+                    else "text generation; start it with --task embed for embeddings")
+            raise bad_request(f"this model serves {what}", "model")
 
     def admit(self, num_prompts: int) -> Slot:
         """Take `num_prompts` slots; 429 when the queue is full, 503 when the engine is not
