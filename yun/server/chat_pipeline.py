@@ -19,7 +19,7 @@ from yun.outputs import CompletionOutput, RequestOutput
 from yun.sampling_params import SamplingParams
 from yun.server.errors import APIError, bad_request
 from yun.server.parsing import MessageParser
-from yun.server.prompts import Prompt, render_chat
+from yun.server.prompts import Prompt, check_history, render_chat
 from yun.server.protocol import ChatCompletionRequest, Usage, chat_sampling_params
 from yun.server.reasoning import ThinkParser, resolve_reasoning_parser
 from yun.server.serving import Job, OpenAIServing, usage
@@ -61,10 +61,16 @@ class ChatPipeline:
 
     async def render(self, req: ChatCompletionRequest, plan: ToolPlan | None = None) -> Prompt:
         """The prompt text and ids of `req` (its tools as the template lays them out)."""
+        check_history(req.messages)
         plan = plan or plan_tools(req)
+        kwargs = dict(req.chat_template_kwargs or {})
+        if req.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", req.reasoning_effort)
+            if req.reasoning_effort == "none":
+                kwargs.setdefault("enable_thinking", False)
         return await run_in_threadpool(render_chat, self.tokenizer, req.messages,
                                        req.add_generation_prompt is not False,
-                                       req.chat_template_kwargs, plan.tools)
+                                       kwargs, plan.tools)
 
     async def prepare(self, req: ChatCompletionRequest, request_id: str,
                       names: dict[str, str] | None = None) -> PreparedChat:

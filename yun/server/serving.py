@@ -134,6 +134,10 @@ class OpenAIServing:
         if bad is not None:
             raise bad_request(f"token id {bad} is out of range: the vocabulary has "
                               f"{self.vocab_size} tokens", param)
+        bad = next((t for t in params.logit_bias or {} if t >= self.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"logit_bias names token id {bad}, out of range: the vocabulary "
+                              f"has {self.vocab_size} tokens", "logit_bias")
         if n >= limit:
             raise bad_request(f"the prompt has {n} tokens, but the model's context length "
                               f"is {limit} tokens", param)
