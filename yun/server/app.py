@@ -193,7 +193,8 @@ def _landing_page(model: str, base_url: str) -> str:
     esc = html.escape
     rows: list[tuple[str, Any]] = [
         ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/messages"),
-        ("POST", "/v1/messages/count_tokens"), ("POST", "/v1/embeddings"), ("POST", "/v1/responses"),
+        ("POST", "/v1/messages/count_tokens"), ("POST", "/v1/embeddings"),
+        ("POST", "/v1/responses"),
         ("GET", "/v1/responses/{id}"), ("DELETE", "/v1/responses/{id}"), ("GET", "/v1/models"),
         ("GET", "/health"), ("GET", "/version"), ("GET", "/metrics"),
         ("GET", "/tokenizer_info"), ("POST", "/tokenize"), ("POST", "/detokenize"),

@@ -246,7 +246,8 @@ class ResponseStore:
         while len(self.items) > self.size:
             self.items.popitem(last=False)
 
-    def get(self, rid: str, param: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def get(self, rid: str, param: str | None = None
+            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         if rid not in self.items:
             raise APIError(404, f"no stored response with id {rid!r} (responses are kept in "
                            f"memory, the {self.size} most recently used)", param=param,
