@@ -92,6 +92,13 @@ class LLMEngine:
             self.max_model_len = min(self.max_model_len, self.pooling.max_seq_length)
 
     def _resolve_task(self, task: str, path: str) -> str:
+        task = self._detect_task(task, path)
+        if task == "embed" and self.tp is not None:
+            raise ValueError("embeddings are not supported with tensor parallelism yet "
+                             "(--tensor-parallel-size 1)")
+        return task
+
+    def _detect_task(self, task: str, path: str) -> str:
         if self.runner.is_encoder:
             if task == "generate":
                 raise ValueError(f"{path}: {self.model_config.architecture} is an encoder: it "
