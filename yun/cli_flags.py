@@ -34,6 +34,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: set[st
                                   "help": help_text + " (default: %(default)s)"}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+        if f.metadata.get("repeat"):
+            kwargs["action"] = "append"
         ftype = str(f.type)
         if f.name == "kv_cache_memory" or f.metadata.get("size"):
             kwargs["type"] = parse_size

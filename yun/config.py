@@ -16,6 +16,9 @@ QUANTIZATIONS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 KERNEL_ISAS = ("auto", "avx512", "avx2")  # yun.kernels.ISAS, and auto
 
 
+TASKS = ("auto", "generate", "embed")
+
+
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
@@ -72,6 +75,10 @@ class EngineConfig:
         "auto", "Which build of the native CPU kernels: auto (the best this CPU runs), "
         "avx512, or avx2 (e.g. to compare the two on an AVX-512 CPU). A build the CPU "
         "cannot run means torch's kernels.", choices=KERNEL_ISAS)
+    task: str = _opt(
+        "auto", "What the model serves: generate (text), embed (/v1/embeddings only: pooled "
+        "hidden states), or auto (embed for encoder checkpoints such as BertModel and for "
+        "folders with a sentence-transformers modules.json, else generate).", choices=TASKS)
     seed: int = _opt(0, "Seed for requests that give none.")
     num_threads: int | None = _opt(
         None, "CPU threads for torch and the native kernels. Default: one per logical CPU "
@@ -84,6 +91,8 @@ class EngineConfig:
         "On CPU the cores are shared out between the ranks; --kv-cache-memory is per rank.")
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.kernel_isa not in KERNEL_ISAS:

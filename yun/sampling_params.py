@@ -85,6 +85,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     guided: GuidedDecoding | None = None  # constrained decoding (JSON schema, regex, ...)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, [-100, 100]
     # Filled by the engine from the model's generation config; not user-facing.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -131,6 +132,11 @@ class SamplingParams:
             raise bad("presence_penalty", "must be in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise bad("frequency_penalty", "must be in [-2, 2]")
+        for tok, bias in (self.logit_bias or {}).items():
+            if not (isinstance(tok, int) and tok >= 0):
+                raise bad("logit_bias", "must map token ids (non-negative integers) to biases")
+            if not (math.isfinite(bias) and -100.0 <= bias <= 100.0):
+                raise bad("logit_bias", "must map token ids to biases in [-100, 100]")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and value < 0:

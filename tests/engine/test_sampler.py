@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from yun.engine.sampler import Sampler, SamplingRow, _draw
@@ -59,3 +60,16 @@ def test_penalties_and_logprobs():
     ref = logits.log_softmax(-1)[0]
     assert toks == [0] and set(lps[0]) == {0, 1}
     assert abs(lps[0][0].logprob - ref[0].item()) < 1e-6 and lps[0][1].rank == 2
+
+
+def test_logit_bias_moves_only_its_rows_tokens():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]])
+    rows = [SamplingRow(SamplingParams(temperature=0, logit_bias={0: 5.0, 3: -100.0}),
+                        None, [1], []),
+            SamplingRow(SamplingParams(temperature=0), None, [1], [])]
+    tokens, _ = Sampler()(logits, rows)
+    assert tokens == [0, 3]
+    assert logits[0].tolist() == [0.0, 1.0, 2.0, 3.0]  # the caller's logits are not changed
+    for bad in ({-1: 1.0}, {2: 100.5}, {2: float("nan")}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)

@@ -48,7 +48,7 @@ def test_invalid_chat_field_is_a_400_naming_it(client, field, value):
     ({"prompt": [10**8]}, "prompt"),
     ({"prompt": "x", "best_of": 3}, "best_of"),
     ({"prompt": "x", "suffix": "y"}, "suffix"),
-    ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"1": 500}}, "logit_bias"),
     ({}, "prompt"),
 ])
 def test_invalid_completion_request_is_a_400(server, body, param):

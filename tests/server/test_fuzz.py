@@ -71,8 +71,68 @@ COMPLETIONS = {**COMMON, "max_tokens": st.integers(0, 3),
                                                                   min_size=1, max_size=3),
                                    token_ids, st.lists(token_ids, min_size=1, max_size=3)),
                "logprobs": st.integers(0, 5), "echo": st.booleans()}
+# Anthropic Messages and OpenAI Responses bodies (issue 15).
+block = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=20)}),
+    st.fixed_dictionaries({"type": st.just("tool_use"), "id": st.sampled_from(["t1", "t2", ""]),
+                           "name": st.sampled_from(["f", ""]),
+                           "input": st.dictionaries(st.text(max_size=3), scalars, max_size=2)}),
+    st.fixed_dictionaries({"type": st.just("tool_result"), "tool_use_id": st.sampled_from(
+        ["t1", "t2", "x"]), "content": st.one_of(st.text(max_size=10), st.none())}),
+    st.fixed_dictionaries({"type": st.sampled_from(["image", "thinking", "document"])}))
+a_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "user", "system"]),
+     "content": st.one_of(st.text(max_size=30), st.lists(block, min_size=1, max_size=3))})
+A_TOOL = {"name": "f", "input_schema": {"type": "object", "properties": {
+    "x": {"type": "integer"}}, "required": ["x"]}}
+MESSAGES = {
+    "model": st.just(MODEL), "max_tokens": st.integers(-1, 3),
+    "messages": st.lists(a_message, min_size=1, max_size=3),
+    "system": st.one_of(st.text(max_size=10), st.lists(st.fixed_dictionaries(
+        {"type": st.just("text"), "text": st.text(max_size=10)}), max_size=2)),
+    "temperature": st.floats(0, 1), "top_p": st.floats(0.01, 1), "top_k": st.integers(-1, 50),
+    "stop_sequences": st.lists(st.text(max_size=3), max_size=3), "stream": st.booleans(),
+    "tools": st.just([A_TOOL]),
+    "tool_choice": st.sampled_from([{"type": "auto"}, {"type": "any"}, {"type": "none"},
+                                    {"type": "tool", "name": "f"}, {"type": "tool"}]),
+    "thinking": st.sampled_from([{"type": "enabled", "budget_tokens": 1024},
+                                 {"type": "disabled"}]),
+    "output_config": st.just({"format": {"type": "json_schema", "schema": {"type": "object"}}}),
+    "metadata": st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2),
+}
+r_item = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "developer"]),
+                           "content": st.one_of(st.text(max_size=20), st.lists(
+                               st.fixed_dictionaries({"type": st.sampled_from(
+                                   ["input_text", "output_text", "input_image"]),
+                                   "text": st.text(max_size=10)}), max_size=2))}),
+    st.fixed_dictionaries({"type": st.just("function_call"), "call_id": st.sampled_from(
+        ["c1", ""]), "name": st.just("f"), "arguments": st.sampled_from(['{"x": 1}', "{", ""])}),
+    st.fixed_dictionaries({"type": st.just("function_call_output"),
+                           "call_id": st.sampled_from(["c1", "c2"]),
+                           "output": st.text(max_size=5)}),
+    st.fixed_dictionaries({"type": st.sampled_from(["reasoning", "web_search_call"])}))
+RESPONSES = {
+    "model": st.just(MODEL), "max_output_tokens": st.integers(0, 3),
+    "input": st.one_of(st.text(max_size=30), st.lists(r_item, min_size=0, max_size=3)),
+    "instructions": st.text(max_size=10), "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.01, 1), "stream": st.booleans(), "store": st.booleans(),
+    "tools": st.just([{"type": "function", "name": "f", "parameters": A_TOOL["input_schema"]}]),
+    "tool_choice": st.sampled_from(["none", "auto", "required",
+                                    {"type": "function", "name": "f"}]),
+    "text": st.sampled_from([{"format": {"type": "text"}}, {"format": {"type": "json_object"}},
+                             {"format": {"type": "json_schema", "name": "a",
+                                         "schema": {"type": "object"}}}]),
+    "reasoning": st.sampled_from([{"effort": "low"}, {"summary": "auto"}, {"effort": "none"}]),
+    "previous_response_id": st.sampled_from(["resp_nope", ""]),
+    "parallel_tool_calls": st.booleans(),
+}
+EMBEDDINGS = {"model": st.just(MODEL), "input": COMPLETIONS["prompt"],
+              "encoding_format": st.sampled_from(["float", "base64", "int8"]),
+              "dimensions": st.integers(-1, 100)}
 EXTRA_KEYS = ["tools", "logit_bias", "best_of", "suffix", "response_format", "unknown",
-              "tool_choice", "guided_json", "guided_regex", "guided_choice", "guided_grammar"]
+              "tool_choice", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+              "structured_outputs", "reasoning_effort", "thinking", "output_config"]
 
 
 def _bodies(fields: dict, required: str) -> st.SearchStrategy:
@@ -90,17 +150,22 @@ def _bodies(fields: dict, required: str) -> st.SearchStrategy:
 
 def _short(body: dict) -> dict:
     """Keep generation short: a valid long max_tokens would only make the test slow."""
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         v = body.get(key)
         if isinstance(v, int) and not isinstance(v, bool) and 3 < v < 600:
             body[key] = 3
-    if "max_tokens" not in body and "max_completion_tokens" not in body:
-        body["max_tokens"] = 2
+    if not {"max_tokens", "max_completion_tokens", "max_output_tokens"} & set(body):
+        body["max_tokens" if "input" not in body else "max_output_tokens"] = 2
     return body
 
 
 requests = st.one_of(
     st.tuples(st.just("/v1/chat/completions"), _bodies(CHAT, "messages")),
+    st.tuples(st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]),
+              _bodies(MESSAGES, "messages")),
+    st.tuples(st.just("/v1/responses"), _bodies(RESPONSES, "input")),
+    st.tuples(st.just("/v1/embeddings"), _bodies(EMBEDDINGS, "input")),
+    st.tuples(st.sampled_from(["/v1/messages", "/v1/responses", "/v1/embeddings"]), values),
     st.tuples(st.just("/v1/completions"), _bodies(COMPLETIONS, "prompt")),
     st.tuples(st.sampled_from(["/v1/chat/completions", "/v1/completions", "/tokenize",
                                "/detokenize"]), values),
@@ -117,7 +182,7 @@ def http(server):
         yield client
 
 
-@settings(max_examples=100, deadline=None, database=None,
+@settings(max_examples=160, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(request_=requests)
 def test_no_request_body_gets_a_5xx(http, engine, request_):
@@ -129,7 +194,8 @@ def test_no_request_body_gets_a_5xx(http, engine, request_):
         error = r.json()["error"]
         assert error["message"] and error["type"]
     elif r.headers["content-type"].startswith("text/event-stream"):
-        assert "server_error" not in r.text and "service_unavailable" not in r.text, r.text
+        for bad in ("server_error", "service_unavailable", '"api_error"', "overloaded_error"):
+            assert bad not in r.text, r.text
     assert engine.is_alive
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import openai
 import pytest
 
 import yun
@@ -291,3 +292,105 @@ def test_metrics(server, client):
                  "yun_prefix_cache_hit_rate"):
         assert name in text, name
     assert 'route="/v1/completions",status="200"' in text
+
+
+# ---- fields added for agents (issue 15) ------------------------------------------------------
+def test_logit_bias_forces_and_bans_tokens(client, engine):
+    tok = engine.tokenizer.encode(" Paris", add_special_tokens=False)[0]
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
+                                  logit_bias={str(tok): 100}, extra_body=IGNORE_EOS)
+    assert r.choices[0].text == " Paris" * 4
+    free = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
+                                     extra_body=IGNORE_EOS)
+    first = engine.tokenizer.encode(free.choices[0].text, add_special_tokens=False)[0]
+    banned = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4,
+                                       temperature=0, logit_bias={str(first): -100},
+                                       extra_body=IGNORE_EOS)
+    assert not banned.choices[0].text.startswith(engine.tokenizer.decode([first]))
+
+
+@pytest.mark.parametrize("bias", [{"x": 1}, {"5": 101}, {"-1": 1}, {"999999": 1}])
+def test_bad_logit_bias_is_a_400(client, bias):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1,
+                                       logit_bias=bias)
+    assert info.value.body["param"] == "logit_bias"
+
+
+@pytest.mark.parametrize("spec,check", [
+    ({"choice": ["yes", "no"]}, lambda t: t in ("yes", "no")),
+    ({"regex": "[0-9]{3}"}, lambda t: len(t) == 3 and t.isdigit()),
+    ({"json": {"type": "object", "properties": {"a": {"type": "integer"}},
+               "required": ["a"], "additionalProperties": False}},
+     lambda t: isinstance(json.loads(t)["a"], int)),
+    ({"grammar": 'root ::= "ab" | "cd"'}, lambda t: t in ("ab", "cd")),
+])
+def test_structured_outputs_object(client, spec, check):
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=40, seed=0,
+                                       extra_body={"structured_outputs": spec})
+    assert check(r.choices[0].message.content), r.choices[0].message.content
+
+
+def test_structured_outputs_takes_one_kind(client):
+    for spec in ({}, {"regex": "a", "choice": ["a"]}, {"choice": []}, {"regex": 5}):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1,
+                                           extra_body={"structured_outputs": spec})
+        assert info.value.body["param"].startswith("structured_outputs"), spec
+
+
+def test_cached_tokens_come_from_the_prefix_cache(client):
+    long = [{"role": "user", "content": "Tell me about the sea. " * 12}]
+    first = client.chat.completions.create(model=MODEL, messages=long, max_tokens=1)
+    again = client.chat.completions.create(model=MODEL, messages=long, max_tokens=1)
+    n = again.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens < n
+    assert again.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16 > 0
+
+
+def test_x_request_id_is_echoed_or_made(server):
+    with server.http() as http:
+        mine = http.get("/v1/models", headers={"X-Request-Id": "abc-123"})
+        made = http.get("/health")
+    assert mine.headers["x-request-id"] == "abc-123"
+    assert len(made.headers["x-request-id"]) == 32
+
+
+@pytest.mark.parametrize("messages,param", [
+    ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}],
+     "messages[1].tool_call_id"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+      {"role": "tool", "tool_call_id": "c1"}], "messages[2].content"),
+    ([{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "c9",
+                                          "content": "x"}], "messages[1].tool_call_id"),
+    ([{"role": "user"}], "messages[0].content"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant"}], "messages[1].content"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"arguments": "{}"}}]}],
+     "messages[1].tool_calls[0]"),
+])
+def test_malformed_histories_are_a_400(client, messages, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+    assert info.value.body["param"] == param, info.value.body
+
+
+def test_several_api_keys_and_a_key_file(make_engine, start_server, tmp_path):
+    from yun.server import ServerSettings, build_app
+
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nkey-from-file\n\n")
+    eng = make_engine()
+    live = start_server(build_app(eng, ServerSettings(
+        port=0, served_model_name="m", api_key=("k1", "k2"), api_key_file=str(keys))), eng)
+    try:
+        for key in ("k1", "k2", "key-from-file"):
+            assert live.client(api_key=key).models.list().data
+        with pytest.raises(openai.AuthenticationError):
+            live.client(api_key="k3").models.list()
+        with live.http() as http:
+            assert http.get("/v1/models", headers={"x-api-key": "k2"}).status_code == 200
+            assert http.get("/v1/models", headers={"x-api-key": "nope"}).status_code == 401
+    finally:
+        eng.shutdown()

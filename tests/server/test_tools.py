@@ -194,7 +194,7 @@ def test_special_token_tags_are_kept_and_the_eos_text_dropped(qwen2_path, tmp_pa
     from types import SimpleNamespace
 
     from yun.demo import qwen2_tokenizer_json
-    from yun.server.chat import ChatCompletions
+    from yun.server.chat_pipeline import ChatPipeline
     from yun.server.tool_parsers import HermesToolParser
     from yun.tokenizer import Tokenizer
 
@@ -208,9 +208,9 @@ def test_special_token_tags_are_kept_and_the_eos_text_dropped(qwen2_path, tmp_pa
     serving = SimpleNamespace(tokenizer=tok, settings=ServerSettings(),
                               engine=SimpleNamespace(model_config=SimpleNamespace(
                                   eos_token_ids=(151645,))))
-    chat = ChatCompletions(serving)
+    chat = ChatPipeline(serving)
     assert chat.special_tools and not chat.special_reasoning and "<|im_end|>" in chat.eos_texts
-    plain = ChatCompletions(SimpleNamespace(
+    plain = ChatPipeline(SimpleNamespace(
         tokenizer=Tokenizer.from_folder(qwen2_path), settings=ServerSettings(),
         engine=serving.engine))
     assert not plain.special_tools

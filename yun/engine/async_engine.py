@@ -18,6 +18,7 @@ from typing import AsyncIterator
 from yun.config import EngineConfig
 from yun.engine.engine import LLMEngine
 from yun.engine.errors import EngineDeadError
+from yun.engine.pooling import PoolingConfig
 from yun.outputs import RequestOutput
 from yun.sampling_params import GuidedDecoding, SamplingParams
 
@@ -51,6 +52,13 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Embed:
+    prompts: list[list[int]]
+    future: "asyncio.Future[list[list[float]]]"
+    loop: asyncio.AbstractEventLoop
+
+
 async def next_output(q: "asyncio.Queue[RequestOutput | BaseException]") -> RequestOutput:
     """The newest output waiting in a request's queue (outputs are cumulative, so older
     ones can be skipped); an error delivered instead is raised."""
@@ -80,7 +88,7 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
         self.engine = engine or LLMEngine(config)
         self.config = config
-        self._commands: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        self._commands: queue.Queue[_Add | _Abort | _Embed | None] = queue.Queue()
         self._sinks: dict[str, _Sink] = {}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -105,6 +113,16 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return (self._thread is not None and self._thread.is_alive()
                 and self._error is None and not self._stopping.is_set())
+
+    @property
+    def task(self) -> str:
+        """"generate" or "embed" (the model serves /v1/embeddings only)."""
+        return self.engine.task
+
+    @property
+    def pooling(self) -> PoolingConfig | None:
+        """How embeddings are pooled (None when the model serves text generation)."""
+        return self.engine.pooling
 
     @property
     def num_unfinished(self) -> int:
@@ -158,6 +176,17 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
+    async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        """One pooled, (per the model) normalised vector per prompt, computed by the engine
+        loop between steps; embeddings queued together run as one forward. Raises
+        ValueError for input the model cannot take, EngineDeadError if the loop died."""
+        if not self.is_alive:
+            raise EngineDeadError(self._dead_message())
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[list[float]]] = loop.create_future()
+        self._commands.put(_Embed([list(p) for p in prompts], future, loop))
+        return await future
+
     def compile_grammar(self, spec: GuidedDecoding) -> None:
         """Check and compile a guided-decoding spec now (ValueError naming the problem).
 
@@ -187,6 +216,13 @@ class AsyncEngine:
             self._error = e
         finally:
             err = EngineDeadError(self._dead_message())
+            while True:  # embeddings still queued fail too (generations below)
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(cmd, _Embed):
+                    _resolve(cmd, error=err)
             for rid in list(self._sinks):
                 self._sinks[rid].put(err)
                 eng.abort(rid)
@@ -194,6 +230,32 @@ class AsyncEngine:
 
     def _drain(self, block: bool) -> bool:
         """Apply queued commands; wait for one if idle. False when asked to stop."""
+        embeds: list[_Embed] = []
+        try:
+            return self._apply(block, embeds)
+        finally:
+            self._run_embeds(embeds)
+
+    def _run_embeds(self, embeds: list[_Embed]) -> None:
+        """The embeddings queued in one drain, as one forward (each request's error its
+        own: a bad one is retried alone so it fails only itself)."""
+        if not embeds:
+            return
+        try:
+            vectors = self.engine.embed([p for e in embeds for p in e.prompts])
+        except ValueError as err:
+            if len(embeds) > 1:
+                for e in embeds:
+                    self._run_embeds([e])
+                return
+            _resolve(embeds[0], error=err)
+            return
+        at = 0
+        for e in embeds:
+            _resolve(e, vectors[at:at + len(e.prompts)])
+            at += len(e.prompts)
+
+    def _apply(self, block: bool, embeds: list[_Embed]) -> bool:
         while True:
             try:
                 cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
@@ -202,6 +264,9 @@ class AsyncEngine:
             block = False
             if cmd is None:
                 return False
+            if isinstance(cmd, _Embed):
+                embeds.append(cmd)
+                continue
             if isinstance(cmd, _Abort):
                 self.engine.abort(cmd.request_id)
                 continue
@@ -224,6 +289,23 @@ class AsyncEngine:
         if self._error is not None:
             return f"the engine loop crashed: {self._error!r}"
         return "the engine is not running"
+
+
+def _resolve(cmd: _Embed, vectors: list[list[float]] | None = None,
+             error: BaseException | None = None) -> None:
+    """Hand an embedding's result (or error) to the event loop that awaits it."""
+    def settle() -> None:
+        if cmd.future.done():  # the client left
+            return
+        if error is not None:
+            cmd.future.set_exception(error)
+        else:
+            cmd.future.set_result(vectors or [])
+
+    try:
+        cmd.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed: nobody is listening any more
+        pass
 
 
 __all__ = ["AsyncEngine", "EngineDeadError", "EngineStats"]

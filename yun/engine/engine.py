@@ -18,11 +18,15 @@ from yun.engine.guided import GuidedDecoder
 from yun.engine.kv_cache import KVCacheManager
 from yun.engine.request import Request, RequestStatus
 from yun.engine.runner import ModelRunner
-from yun.engine.scheduler import Scheduler, SchedulerConfig
+from yun.engine.pooling import has_sentence_transformers_config, load_pooling
+from yun.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
 from yun.model_source import resolve_model
 from yun.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from yun.sampling_params import SamplingParams
 from yun.tokenizer import Tokenizer
+
+
+_EMBED_PARAMS = SamplingParams(max_tokens=1)
 
 
 @dataclass
@@ -87,6 +91,27 @@ class LLMEngine:
                                     self.eos_token_ids)
         self._seed_rng = random.Random(config.seed)
         self._ids = itertools.count()
+        self.task = self._resolve_task(config.task, path)
+        self.pooling = load_pooling(path, self.runner.is_encoder) if self.task == "embed" else None
+        if self.pooling is not None and self.pooling.max_seq_length:  # as sentence-transformers
+            self.max_model_len = min(self.max_model_len, self.pooling.max_seq_length)
+
+    def _resolve_task(self, task: str, path: str) -> str:
+        task = self._detect_task(task, path)
+        if task == "embed" and self.tp is not None:
+            raise ValueError("embeddings are not supported with tensor parallelism yet "
+                             "(--tensor-parallel-size 1)")
+        return task
+
+    def _detect_task(self, task: str, path: str) -> str:
+        if self.runner.is_encoder:
+            if task == "generate":
+                raise ValueError(f"{path}: {self.model_config.architecture} is an encoder: it "
+                                 "serves embeddings only (--task embed)")
+            return "embed"
+        if task == "auto":
+            return "embed" if has_sentence_transformers_config(path) else "generate"
+        return task
 
     def _resolve_max_len(self, wanted: int | None, capacity: int) -> int:
         limit = self.model_config.max_position_embeddings
@@ -185,6 +210,34 @@ class LLMEngine:
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
+
+    def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        """Pooled hidden states of each prompt, from one prefill-only forward (nothing is
+        sampled or kept in the prefix cache). ValueError for input the model cannot take."""
+        if self.pooling is None:
+            raise ValueError("this model serves text generation; start it with --task embed "
+                             "for embeddings")
+        for ids in prompts:
+            if not ids:
+                raise ValueError("the input is empty: at least one token is needed")
+            if len(ids) > self.max_model_len:
+                raise ValueError(f"the input has {len(ids)} tokens, more than the model's "
+                                 f"{self.max_model_len}")
+            if any(t < 0 or t >= self.model_config.vocab_size for t in ids):
+                raise ValueError(f"token ids must be in [0, {self.model_config.vocab_size})")
+        reqs = [Request(f"embed-{next(self._ids)}", list(ids), _EMBED_PARAMS, max_tokens=1,
+                        seed=0) for ids in prompts]
+        try:
+            if not self.runner.is_encoder:  # a decoder's K/V need blocks for this forward
+                for r in reqs:
+                    if not self.kv.allocate(r, r.num_prompt_tokens):
+                        raise ValueError("the KV cache has too few free blocks for these "
+                                         "inputs now; retry, or send fewer at once")
+            sched = SchedulerOutput([ScheduledRequest(r, r.num_prompt_tokens, 0) for r in reqs])
+            return self.runner.embed(sched, self.pooling)
+        finally:
+            for r in reqs:
+                self.kv.free_request(r)
 
     # ---- the loop body -----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

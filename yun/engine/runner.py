@@ -32,6 +32,7 @@ from yun.outputs import PositionLogprobs
 
 if TYPE_CHECKING:
     from yun.distributed.parallel import TensorParallel
+    from yun.engine.pooling import PoolingConfig
 
 PROMPT_LOGPROB_ROWS = 256  # logits rows per pass when scoring prompts (bounds memory)
 
@@ -139,8 +140,18 @@ class ModelRunner:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return per_layer * elem * self.model_config.num_layers
 
+    @property
+    def is_encoder(self) -> bool:
+        """An encoder (BertModel): no KV cache, embeddings only."""
+        return bool(getattr(self.model, "is_encoder", False))
+
     def allocate_kv_cache(self, memory_bytes: int | None) -> int:
-        """Allocate per-layer cache tensors; returns the number of blocks."""
+        """Allocate per-layer cache tensors; returns the number of blocks. An encoder has
+        none: the blocks returned only bound how many tokens the scheduler admits."""
+        if self.is_encoder:
+            per_seq = -(-self.model_config.max_position_embeddings // self.block_size)
+            self.num_blocks = per_seq * self.config.max_num_seqs
+            return self.num_blocks
         budget = memory_bytes or default_kv_cache_bytes(self.device)
         per_block = self.kv_bytes_per_token() * self.block_size
         self.num_blocks = budget // per_block
@@ -269,5 +280,45 @@ class ModelRunner:
             result.extend(logprobs_for(raw, req.prompt_token_ids[j0:j1], n_top))
         return result
 
+    @torch.inference_mode()
+    def embed(self, sched: SchedulerOutput, pooling: "PoolingConfig") -> list[list[float]]:
+        """One forward over whole prompts (no sampling; a decoder's K/V go to the blocks
+        the caller lent and are dropped after) -> one pooled vector per request."""
+        if self.is_encoder:
+            hidden = self._encode([s.request.prompt_token_ids for s in sched.scheduled])
+        else:
+            inp = self.prepare(sched)
+            flat = self.run_model(inp)  # [T, E]
+            hidden = [flat[inp.q_starts[i]:inp.q_starts[i] + s.num_new_tokens]
+                      for i, s in enumerate(inp.order)]
+            order = {id(s): i for i, s in enumerate(inp.order)}
+            hidden = [hidden[order[id(s)]] for s in sched.scheduled]
+        vectors = torch.stack([_pool(h, pooling.mode) for h in hidden]).float()  # [B, E]
+        if pooling.normalize:
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        return vectors.tolist()
+
+    def _encode(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """An encoder over a padded batch -> each prompt's hidden states [n, E]."""
+        L = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), L, dtype=torch.long)  # [B, L]
+        mask = torch.zeros(len(prompts), L, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p)
+            mask[i, :len(p)] = 1
+        out = self.model.encode(ids.to(self.device), mask.to(self.device))  # [B, L, E]
+        return [out[i, :len(p)] for i, p in enumerate(prompts)]
+
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
+
+
+def _pool(hidden: torch.Tensor, mode: str) -> torch.Tensor:
+    """hidden: [n, E] of one sequence -> [E]."""
+    if mode == "mean":
+        return hidden.float().mean(0)
+    if mode == "cls":
+        return hidden[0].float()
+    if mode == "max":
+        return hidden.float().max(0).values
+    return hidden[-1].float()  # "last": decoder embedding models (Qwen3-Embedding)

@@ -1,6 +1,6 @@
 """Logits -> next tokens, one batched pass with per-request settings.
 
-Order: raw logprobs (reported as the model's distribution) -> penalties -> min_tokens
+Order: raw logprobs (reported as the model's distribution) -> logit_bias -> penalties -> min_tokens
 mask -> grammar mask (guided rows only, yun/engine/guided.py) -> greedy argmax, or
 temperature -> top-k -> top-p -> min-p -> draw with the request's own generator (so a
 seed gives the same tokens whatever shares the batch).
@@ -48,6 +48,17 @@ def _penalize(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
             vals = logits[i, seen]
             logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty,
                                           vals * p.repetition_penalty)
+
+
+def _bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """logit_bias: add each request's biases to its row, in place."""
+    V = logits.shape[1]
+    for i, row in enumerate(rows):
+        bias = {t: b for t, b in (row.params.logit_bias or {}).items() if t < V}
+        if bias:
+            ids = torch.tensor(list(bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(bias.values()), device=logits.device,
+                                           dtype=logits.dtype)
 
 
 def _mask_early_stop(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -139,6 +150,9 @@ class Sampler:
         """logits: [B, V] float32 -> (token per row, logprobs entry per row or None)."""
         want_lp = [r.params.logprobs is not None for r in rows]
         raw = logits.log_softmax(-1) if any(want_lp) else None  # [B, V]
+        if any(r.params.logit_bias for r in rows):
+            logits = logits.clone()
+            _bias(logits, rows)
         if any(r.params.needs_penalties for r in rows):
             logits = logits.clone()
             _penalize(logits, rows)

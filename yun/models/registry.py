@@ -13,6 +13,7 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Qwen2MoeForCausalLM": ("yun.models.qwen_moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("yun.models.qwen_moe", "Qwen3MoeForCausalLM"),
     "DeepseekV3ForCausalLM": ("yun.models.deepseek_v3", "DeepseekV3ForCausalLM"),
+    "BertModel": ("yun.models.bert", "BertModel"),  # an encoder: embeddings only
 }
 
 

@@ -17,10 +17,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 import yun
 from yun.server.errors import APIError, install_error_handlers
 from yun.server.metrics import ServerMetrics
-from yun.server.middleware import ApiKeyAuth, BodyLimit, JsonBodies, RequestCounter
+from yun.server.middleware import ApiKeyAuth, BodyLimit, JsonBodies, RequestCounter, RequestIds
 from yun.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                  ModelCard, ModelList, TokenizeRequest)
+from yun.server.anthropic import AnthropicMessages, CountTokensRequest, MessagesRequest
 from yun.server.chat import ChatCompletions
+from yun.server.chat_pipeline import ChatPipeline
+from yun.server.embeddings import EmbeddingRequest, Embeddings
+from yun.server.responses import Responses, ResponsesRequest
 from yun.server.completions import Completions
 from yun.model_source import DEFAULT_MODEL_NAME
 from yun.server.serving import OpenAIServing
@@ -59,7 +63,11 @@ def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
     name = model_name(settings, engine.config.model)
     metrics = ServerMetrics(engine, name)
     serving = OpenAIServing(engine, settings, name, metrics)
-    chat, complete = ChatCompletions(serving), Completions(serving)
+    pipeline = ChatPipeline(serving)
+    chat, complete = ChatCompletions(pipeline), Completions(serving)
+    messages = AnthropicMessages(pipeline)
+    responses = Responses(pipeline)
+    embeddings = Embeddings(serving)
     created = int(time.time())
 
     @asynccontextmanager
@@ -80,6 +88,30 @@ def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         return await complete(req, raw)
+
+    @app.post("/v1/embeddings")
+    async def create_embeddings(req: EmbeddingRequest) -> dict[str, Any]:
+        return await embeddings(req)
+
+    @app.post("/v1/responses")
+    async def create_response(req: ResponsesRequest, raw: Request) -> Response:
+        return await responses(req, raw)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> dict[str, Any]:
+        return responses.retrieve(response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict[str, Any]:
+        return responses.delete(response_id)
+
+    @app.post("/v1/messages")
+    async def anthropic_messages(req: MessagesRequest, raw: Request) -> Response:
+        return await messages(req, raw)
+
+    @app.post("/v1/messages/count_tokens")
+    async def anthropic_count_tokens(req: CountTokensRequest) -> dict[str, int]:
+        return await messages.count_tokens(req)
 
     def card() -> ModelCard:
         return ModelCard(id=name, created=created, root=engine.config.model or name,
@@ -131,10 +163,11 @@ def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
     routes = {getattr(r, "path", "") for r in app.routes}
     app.add_middleware(JsonBodies)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ApiKeyAuth, api_key=settings.api_key, protected=_needs_key)
+    app.add_middleware(ApiKeyAuth, api_keys=settings.api_keys(), protected=_needs_key)
     app.add_middleware(RequestCounter, routes=routes,
                        count=lambda route, status: metrics.requests.labels(
                            route=route, status=str(status)).inc())
+    app.add_middleware(RequestIds)
     return app
 
 
@@ -159,7 +192,10 @@ def curl_example(base_url: str, model: str, api_key: str | None = None) -> str:
 def _landing_page(model: str, base_url: str) -> str:
     esc = html.escape
     rows: list[tuple[str, Any]] = [
-        ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/messages"),
+        ("POST", "/v1/messages/count_tokens"), ("POST", "/v1/embeddings"),
+        ("POST", "/v1/responses"),
+        ("GET", "/v1/responses/{id}"), ("DELETE", "/v1/responses/{id}"), ("GET", "/v1/models"),
         ("GET", "/health"), ("GET", "/version"), ("GET", "/metrics"),
         ("GET", "/tokenizer_info"), ("POST", "/tokenize"), ("POST", "/detokenize"),
         ("GET", "/docs")]

@@ -51,7 +51,7 @@ class Completions:
     async def __call__(self, req: CompletionRequest, raw: Request) -> Response:
         arrival = time.perf_counter()
         s = self.serving
-        s.check_model(req.model)
+        s.check_model(req.model, task="generate")
         guided, guided_param = guided_from_fields(req)
         params = completion_sampling_params(req, guided)
         prompts = await run_in_threadpool(completion_prompts, self.tokenizer, req)

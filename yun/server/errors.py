@@ -1,8 +1,10 @@
-"""The OpenAI error object and the handlers that turn every failure into one.
+"""The error objects and the handlers that turn every failure into one.
 
-Every error the server sends is `{"error": {"message", "type", "param", "code"}}` with a
-status the official SDKs map to their exceptions (400 BadRequestError, 401
-AuthenticationError, 404 NotFoundError, 413, 429 RateLimitError, 503).
+Every error the server sends is `{"error": {"message", "type", "param", "code"}}` (the
+OpenAI shape) with a status the official SDKs map to their exceptions (400
+BadRequestError, 401 AuthenticationError, 404 NotFoundError, 413, 429 RateLimitError,
+503); on the Anthropic routes (/v1/messages...) it is Anthropic's
+`{"type": "error", "error": {"type", "message"}}` with the same statuses.
 """
 
 from __future__ import annotations
@@ -31,6 +33,23 @@ ERROR_TYPES = {
 }
 
 
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+}
+ANTHROPIC_PREFIX = "/v1/messages"  # /v1/messages and /v1/messages/count_tokens
+
+
+def is_anthropic(path: str) -> bool:
+    return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+
+
 class APIError(Exception):
     """An error to send to the client as the OpenAI error object."""
 
@@ -46,6 +65,18 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, self.param, self.code)
 
+    def anthropic_body(self) -> dict[str, Any]:
+        kind = ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500
+                                   else "invalid_request_error")
+        message = self.message  # Anthropic's object has no param: name it in the message
+        if self.param and not message.startswith(self.param):
+            message = f"{self.param}: {message}"
+        return {"type": "error", "error": {"type": kind, "message": message}}
+
+    def body_for(self, path: str) -> dict[str, Any]:
+        """The error object in the shape of the API that `path` belongs to."""
+        return self.anthropic_body() if is_anthropic(path) else self.body()
+
 
 def error_body(status: int, message: str, param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
@@ -53,8 +84,8 @@ def error_body(status: int, message: str, param: str | None = None,
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+def error_response(err: APIError, path: str = "") -> JSONResponse:
+    return JSONResponse(err.body_for(path), status_code=err.status, headers=err.headers)
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
@@ -107,23 +138,24 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
+    async def _api_error(req: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc, req.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(_validation_error(exc))
+    async def _invalid(req: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_error(exc), req.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(req: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = "no such route; see GET /v1/models and the OpenAI API paths"
         return error_response(APIError(exc.status_code, message,
-                                       headers=getattr(exc, "headers", None)))
+                                       headers=getattr(exc, "headers", None)), req.url.path)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(req: Request, exc: Exception) -> JSONResponse:
         # Last resort: a bug. Bad input never gets here (the tests fuzz for it).
         log.exception("unexpected error while serving a request")
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}"))
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}"),
+                              req.url.path)

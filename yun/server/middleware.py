@@ -1,4 +1,5 @@
-"""Pure-ASGI middleware: count requests by status, check the API key, cap body size.
+"""Pure-ASGI middleware: count requests by status, check the API key, cap body size,
+echo X-Request-Id.
 
 They run before FastAPI reads the body, so an unauthenticated or oversized request is
 refused without parsing it.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import uuid
 from typing import Callable
 
 from starlette.exceptions import HTTPException
@@ -17,8 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from yun.server.errors import APIError
 
 
-async def send_error(send: Send, err: APIError) -> None:
-    body = json.dumps(err.body()).encode()
+async def send_error(send: Send, err: APIError, path: str = "") -> None:
+    body = json.dumps(err.body_for(path)).encode()
     headers = [(b"content-type", b"application/json"),
                (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in (err.headers or {}).items()]
@@ -51,31 +53,43 @@ class RequestCounter:
 
 
 class ApiKeyAuth:
-    """401 unless `Authorization: Bearer <key>` matches, on the paths that need it.
+    """401 unless one of the keys comes as `Authorization: Bearer <key>` or as
+    `x-api-key: <key>` (what Anthropic clients send), on the paths that need it.
 
-    Keys are compared in constant time (digests of equal length, hmac.compare_digest).
+    Keys are compared in constant time (digests of equal length, hmac.compare_digest,
+    against every accepted key).
     """
 
-    def __init__(self, app: ASGIApp, api_key: str | None, protected: Callable[[str], bool]):
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...],
+                 protected: Callable[[str], bool]):
         self.app = app
-        self.digest = None if api_key is None else _digest(f"Bearer {api_key}".encode())
+        self.digests = [_digest(k.encode()) for k in api_keys]
         self.protected = protected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.digest is None or scope["type"] != "http" or not self.protected(scope["path"]):
+        if not self.digests or scope["type"] != "http" or not self.protected(scope["path"]):
             return await self.app(scope, receive, send)
-        given = b""
+        given: list[bytes] = []
         for name, value in scope.get("headers", []):
             if name == b"authorization":
-                given = value.strip()
-                break
-        if given[:7].lower() == b"bearer ":  # the scheme is case-insensitive
-            given = b"Bearer " + given[7:].strip()
-        if not hmac.compare_digest(_digest(given), self.digest):
-            message = ("missing API key: send Authorization: Bearer <key>" if not given
-                       else "invalid API key")
+                value = value.strip()
+                if value[:7].lower() == b"bearer ":  # the scheme is case-insensitive
+                    given.append(value[7:].strip())
+                elif value:
+                    given.append(b"\0")  # some other scheme: never a key
+            elif name == b"x-api-key":
+                given.append(value.strip())
+        ok = False
+        for key in given:
+            digest = _digest(key)
+            for d in self.digests:  # no early exit: the time does not depend on which
+                ok |= hmac.compare_digest(digest, d)
+        if not ok:
+            message = ("missing API key: send Authorization: Bearer <key> or x-api-key: <key>"
+                       if not given else "invalid API key")
             return await send_error(send, APIError(401, message, code="invalid_api_key",
-                                                   headers={"WWW-Authenticate": "Bearer"}))
+                                                   headers={"WWW-Authenticate": "Bearer"}),
+                                    scope.get("path", ""))
         await self.app(scope, receive, send)
 
 
@@ -105,7 +119,7 @@ class BodyLimit:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    return await send_error(send, error)
+                    return await send_error(send, error, scope.get("path", ""))
         seen = 0
         started = False
 
@@ -128,7 +142,7 @@ class BodyLimit:
             await self.app(scope, counted, tracked)
         except _TooLarge:
             if not started:
-                await send_error(send, error)
+                await send_error(send, error, scope.get("path", ""))
 
 
 class JsonBodies:
@@ -145,3 +159,29 @@ class JsonBodies:
             if not given.startswith(b"application/json"):
                 scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
+
+
+class RequestIds:
+    """Every HTTP response carries `X-Request-Id`: the client's own (when it sent a short
+    printable one) or a fresh one, so logs on both sides can be matched."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = b""
+        for name, value in scope.get("headers", []):
+            if name == b"x-request-id":
+                rid = value.strip()
+        if not (0 < len(rid) <= 128 and all(33 <= c < 127 for c in rid)):
+            rid = uuid.uuid4().hex.encode()
+
+        async def tagged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0] != b"x-request-id"]
+                message = {**message, "headers": headers + [(b"x-request-id", rid)]}
+            await send(message)
+
+        await self.app(scope, receive, tagged)

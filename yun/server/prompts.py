@@ -54,6 +54,49 @@ def _parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
     return call
 
 
+def _check_call(call: dict[str, Any], where: str) -> str | None:
+    fn = call.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise bad_request("each tool call needs a function with a name", where)
+    if not isinstance(fn.get("arguments", ""), (str, dict)):
+        raise bad_request("a tool call's arguments must be JSON text (or an object)", where)
+    cid = call.get("id")
+    return cid if isinstance(cid, str) else None
+
+
+def check_history(messages: list[ChatMessage]) -> None:
+    """400 for a conversation no model should be asked to continue: a tool message without
+    content or tool_call_id (or answering no earlier call), a user or system message
+    without content, an assistant message with neither content nor tool calls, a tool
+    call without a function name."""
+    calls: set[str] = set()
+    anonymous = False  # an earlier call came without an id: cannot match answers to calls
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise bad_request("a tool message needs the tool_call_id it answers",
+                                  f"{where}.tool_call_id")
+            if m.content is None:
+                raise bad_request("a tool message needs content (the tool's result)",
+                                  f"{where}.content")
+            if not anonymous and m.tool_call_id not in calls:
+                raise bad_request(f"tool_call_id {m.tool_call_id!r} answers no tool call of "
+                                  "an earlier assistant message", f"{where}.tool_call_id")
+        elif m.role == "assistant":
+            if m.content is None and not m.tool_calls:
+                raise bad_request("an assistant message needs content or tool_calls",
+                                  f"{where}.content")
+            for j, call in enumerate(m.tool_calls or []):
+                cid = _check_call(call, f"{where}.tool_calls[{j}]")
+                if cid:
+                    calls.add(cid)
+                else:
+                    anonymous = True
+        elif m.content is None:
+            raise bad_request(f"a {m.role} message needs content", f"{where}.content")
+
+
 def render_chat(tok: PromptTokenizer, messages: list[ChatMessage],
                 add_generation_prompt: bool = True,
                 template_kwargs: dict[str, Any] | None = None,

@@ -120,6 +120,9 @@ class SamplingFields(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM's current form of the above: {"json" | "regex" | "choice" | "grammar" |
+    # "json_object": ...}, one key per request.
+    structured_outputs: dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -140,6 +143,9 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = True
     add_generation_prompt: bool | None = True
     chat_template_kwargs: dict[str, Any] | None = None
+    # Thinking models: passed to the chat template (reasoning_effort; "none" also sets
+    # enable_thinking false, as Qwen3's template reads it).
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     # Thinking models: reasoning in `reasoning_content` (false: the raw text in content).
     separate_reasoning: bool | None = True
 
@@ -188,10 +194,12 @@ class Usage(BaseModel):
     completion_tokens: int = 0
     total_tokens: int = 0
     completion_tokens_details: dict[str, int] | None = None  # {"reasoning_tokens": N}
+    prompt_tokens_details: dict[str, int] | None = None  # {"cached_tokens": N}
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
-        return _without_unset_extras(handler(self), ("completion_tokens_details",))
+        return _without_unset_extras(handler(self), ("completion_tokens_details",
+                                                     "prompt_tokens_details"))
 
 
 class ToolCall(BaseModel):
@@ -290,8 +298,6 @@ def _server_limits(req: SamplingFields, logprobs: int | None, logprobs_param: st
     if logprobs is not None and logprobs > MAX_LOGPROBS:
         raise bad_request(f"{logprobs_param} must be at most {MAX_LOGPROBS}, got {logprobs}",
                           logprobs_param)
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", "logit_bias")
     repetition_penalty = _first(req.repetition_penalty, default=1.0)
     if repetition_penalty != 1.0 and not 0.01 <= repetition_penalty <= 100.0:
         raise bad_request("repetition_penalty must be in [0.01, 100], got "
@@ -301,6 +307,17 @@ def _server_limits(req: SamplingFields, logprobs: int | None, logprobs_param: st
         raise bad_request(f"temperature must be at most {MAX_TEMPERATURE:g}, got {temperature}",
                           "temperature")
     return 0.0 if 0 < temperature < MIN_TEMPERATURE else temperature
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI sends token ids as JSON object keys (strings)."""
+    if not bias:
+        return None
+    try:
+        return {int(k): float(v) for k, v in bias.items()}
+    except ValueError:
+        raise bad_request("logit_bias must map token ids (integers, as strings) to biases "
+                          f"in [-100, 100], got keys {sorted(bias)[:3]}", "logit_bias") from None
 
 
 def to_sampling_params(req: SamplingFields, *, max_tokens: int | None,
@@ -331,6 +348,7 @@ def to_sampling_params(req: SamplingFields, *, max_tokens: int | None,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=_first(req.skip_special_tokens, default=True),
             guided=guided,
+            logit_bias=_logit_bias(req.logit_bias),
         )
     except ValueError as e:  # "<field> must ..., got ...": name the API's field
         field, message = str(e).split(" ", 1)[0], str(e)

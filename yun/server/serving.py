@@ -8,6 +8,7 @@ hold several). Each job runs `AsyncEngine.generate`, whose outputs are cumulativ
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable
 
@@ -64,11 +65,18 @@ class Slot:
             self.owner.in_flight -= self.size
 
 
+def new_id(prefix: str, sep: str = "-") -> str:
+    """A fresh request id, e.g. `chatcmpl-<32 hex>` (also the engine's request id)."""
+    return f"{prefix}{sep}{uuid.uuid4().hex}"
+
+
 def usage(outputs: list[RequestOutput | None], jobs: list[Job]) -> Usage:
     prompt = sum(len(j.prompt_ids) for j in jobs)
     completion = sum(len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
+    cached = sum(o.num_cached_tokens for o in outputs if o is not None)
     return Usage(prompt_tokens=prompt, completion_tokens=completion,
-                 total_tokens=prompt + completion)
+                 total_tokens=prompt + completion,
+                 prompt_tokens_details={"cached_tokens": cached})
 
 
 class OpenAIServing:
@@ -86,10 +94,17 @@ class OpenAIServing:
         self.draining = False  # set when the server shuts down
 
     # ---- checks ------------------------------------------------------------------------
-    def check_model(self, model: str | None) -> None:
+    def check_model(self, model: str | None, task: str | None = None) -> None:
+        """404 for another model's name; 400 when the model does not do `task`
+        ("generate" or "embed"; None: any)."""
         if model and model != self.model_name:
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
                            f"{self.model_name!r}", param="model", code="model_not_found")
+        served = getattr(self.engine, "task", "generate")
+        if task is not None and task != served:
+            what = ("embeddings (/v1/embeddings) only" if served == "embed"
+                    else "text generation; start it with --task embed for embeddings")
+            raise bad_request(f"this model serves {what}", "model")
 
     def admit(self, num_prompts: int) -> Slot:
         """Take `num_prompts` slots; 429 when the queue is full, 503 when the engine is not
@@ -119,6 +134,10 @@ class OpenAIServing:
         if bad is not None:
             raise bad_request(f"token id {bad} is out of range: the vocabulary has "
                               f"{self.vocab_size} tokens", param)
+        bad = next((t for t in params.logit_bias or {} if t >= self.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"logit_bias names token id {bad}, out of range: the vocabulary "
+                              f"has {self.vocab_size} tokens", "logit_bias")
         if n >= limit:
             raise bad_request(f"the prompt has {n} tokens, but the model's context length "
                               f"is {limit} tokens", param)

@@ -25,8 +25,13 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class ServerSettings:
     host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0 to accept other machines).")
     port: int = _opt(8000, "TCP port to listen on (0 picks a free one).")
-    api_key: str | None = _opt(
-        None, "Require `Authorization: Bearer KEY` on the API routes. Default: no key.")
+    api_key: str | tuple[str, ...] | None = _opt(
+        None, "Require this key on the API routes, as `Authorization: Bearer KEY` or "
+        "`x-api-key: KEY` (Anthropic clients); repeat the flag to accept several keys. "
+        "Default: no key.", repeat=True)
+    api_key_file: str | None = _opt(
+        None, "Also accept the keys listed in this file, one per line (blank lines and "
+        "lines starting with # are skipped); read once at start-up.")
     served_model_name: str | None = _opt(
         None, "The model name clients send and see in /v1/models. Default: the MODEL "
         "argument as given, or SmolLM2-135M-Instruct for the default model.")
@@ -87,8 +92,23 @@ class ServerSettings:
             raise ValueError(f"replicas must be positive, got {self.replicas}")
         if self.routing not in ROUTING_CHOICES:
             raise ValueError(f"routing must be one of {ROUTING_CHOICES}, got {self.routing!r}")
-        if self.api_key is not None and not self.api_key.strip():
+        if isinstance(self.api_key, (list, tuple)):
+            object.__setattr__(self, "api_key", tuple(self.api_key) or None)
+        keys = (self.api_key,) if isinstance(self.api_key, str) else (self.api_key or ())
+        if any(not k.strip() for k in keys):
             raise ValueError("api_key must not be empty (leave it unset for no key)")
+
+    def api_keys(self) -> tuple[str, ...]:
+        """Every accepted key: --api-key's and the lines of --api-key-file (read now)."""
+        keys = (self.api_key,) if isinstance(self.api_key, str) else (self.api_key or ())
+        if self.api_key_file is not None:
+            with open(self.api_key_file, encoding="utf-8") as f:
+                lines = [line.strip() for line in f]
+            listed = tuple(k for k in lines if k and not k.startswith("#"))
+            if not listed:
+                raise ValueError(f"api_key_file {self.api_key_file!r} lists no key")
+            keys += listed
+        return keys
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -69,10 +69,38 @@ def guided_from_fields(req: SamplingFields) -> tuple[GuidedDecoding | None, str 
         found.append((GuidedDecoding(choice=tuple(req.guided_choice)), "guided_choice"))
     if req.guided_grammar is not None:
         found.append((GuidedDecoding(grammar=req.guided_grammar), "guided_grammar"))
+    if req.structured_outputs is not None:
+        found.extend(_structured_outputs(req.structured_outputs))
     if len(found) > 1:
         names = " and ".join(p for _, p in found)
         raise bad_request(f"only one output constraint per request, got {names}", found[1][1])
     return found[0] if found else (None, None)
+
+
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def _structured_outputs(spec: dict[str, Any]) -> list[tuple[GuidedDecoding, str]]:
+    """vLLM's `structured_outputs` object: one of json, regex, choice, grammar, json_object
+    (other keys, e.g. its backend options, are ignored)."""
+    given = [k for k in STRUCTURED_KINDS if spec.get(k) not in (None, False)]
+    if len(given) != 1:
+        raise bad_request("structured_outputs takes exactly one of "
+                          f"{', '.join(STRUCTURED_KINDS)}; got {', '.join(given) or 'none'}",
+                          "structured_outputs")
+    kind = given[0]
+    param, value = f"structured_outputs.{kind}", spec[kind]
+    if kind == "json":
+        return [(GuidedDecoding(json=_schema(value, param)), param)]
+    if kind == "json_object":
+        return [(GuidedDecoding(json_object=True), param)]
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+            raise bad_request(f"{param} must list at least one string", param)
+        return [(GuidedDecoding(choice=tuple(value)), param)]
+    if not isinstance(value, str):
+        raise bad_request(f"{param} must be a string", param)
+    return [(GuidedDecoding(**{kind: value}), param)]
 
 
 # ---- tools --------------------------------------------------------------------------------
