@@ -41,7 +41,8 @@ class EndpointRow:
 @dataclass
 class Summary:
     rows: list[EndpointRow]
-    comparisons: list[stats.PairedComparison]
+    comparisons: list[stats.PairedComparison]  # pairs with items both answered
+    not_compared: list[tuple[str, str, str]]  # (task, a, b) with no item both answered
 
 
 def _mean(values: list[float]) -> float | None:
@@ -70,7 +71,7 @@ def paired(task: str, a: str, b: str, by_item: dict[tuple[str, str], ItemResult]
 
 
 def summarize(tasks: list[Task], endpoints: list[str], results: list[ItemResult]) -> Summary:
-    rows, comps = [], []
+    rows, comps, skipped = [], [], []
     for t in tasks:
         mine = [r for r in results if r.task == t.name]
         by_item = {(r.endpoint, r.item): r for r in mine}
@@ -78,8 +79,12 @@ def summarize(tasks: list[Task], endpoints: list[str], results: list[ItemResult]
         for e in endpoints:
             rows.append(endpoint_row(t.name, e, [by_item[(e, i)] for i in items]))
         for a, b in itertools.combinations(endpoints, 2):
-            comps.append(paired(t.name, a, b, by_item, items))
-    return Summary(rows, stats.with_holm(comps))
+            c = paired(t.name, a, b, by_item, items)
+            if c.n:
+                comps.append(c)
+            else:
+                skipped.append((t.name, a, b))
+    return Summary(rows, stats.with_holm(comps), skipped)
 
 
 # ---- text ------------------------------------------------------------------------------------
@@ -110,8 +115,10 @@ def format_scores(summary: Summary) -> str:
 
 
 def format_comparisons(summary: Summary) -> str:
+    skipped = "\n".join(f"{a} vs {b} on {t}: not compared (no item answered by both)"
+                        for t, a, b in summary.not_compared)
     if not summary.comparisons:
-        return ""
+        return skipped
     header = ["task", "A vs B", "A-B pts", "95% CI", "n", "test", "A only/B only", "p",
               "p Holm"]
     rows = []
@@ -120,7 +127,8 @@ def format_comparisons(summary: Summary) -> str:
         rows.append([c.task, f"{c.a} vs {c.b}", f"{100 * c.diff:+.1f}",
                      f"[{100 * c.low:+.1f}, {100 * c.high:+.1f}]", str(c.n), c.test, disc,
                      f"{c.p_value:.3g}", "-" if c.p_adjusted is None else f"{c.p_adjusted:.3g}"])
-    return _table(header, rows) + "\n\n" + "\n".join(c.verdict() for c in summary.comparisons)
+    verdicts = "\n".join([c.verdict() for c in summary.comparisons] + ([skipped] if skipped else []))
+    return _table(header, rows) + "\n\n" + verdicts
 
 
 def format_errors(summary: Summary) -> str:
@@ -143,6 +151,7 @@ def build_payload(argv: list[str], tasks: list[Task], endpoints: dict[str, dict[
         "judge_prompt": JUDGE_PROMPT if judged else None,
         "scores": [r.to_json() for r in summary.rows],
         "comparisons": [c.to_json() for c in summary.comparisons],
+        "not_compared": [{"task": t, "a": a, "b": b} for t, a, b in summary.not_compared],
         "requests": requests,
         "items": [r.to_json() for r in results],
     }
