@@ -109,7 +109,7 @@ def test_cli_writes_table_json_and_png_and_exits_1_when_items_failed(tmp_path, c
     out = tmp_path / "out"
     with live_server(build_app(right)) as good, live_server(build_app(right_on_even)) as half:
         argv = ["eval", "--task", "arith", "--limit", "12", "--endpoint", f"good={good}",
-                "--endpoint", f"half={half}/v1,model=fake",
+                "--endpoint", f"half={half}/v1,model=fake,key=sk-secret-123",
                 "--endpoint", f"down=http://127.0.0.1:{closed_port()}",
                 "--output-dir", str(out), "--no-progress", "--retries", "0"]
         assert main(argv) == 1
@@ -117,7 +117,9 @@ def test_cli_writes_table_json_and_png_and_exits_1_when_items_failed(tmp_path, c
     assert "good beats half on arith: +50.0 points, 95% CI [" in printed.out
     assert "good vs down on arith: not compared (no item answered by both)" in printed.out
     assert "down on arith: 12 item(s) failed" in printed.err
-    payload = json.loads((out / "eval.json").read_text())
+    raw = (out / "eval.json").read_text()
+    assert "sk-secret-123" not in raw
+    payload = json.loads(raw)
     assert (out / "eval.png").stat().st_size > 1000
     scores = {s["endpoint"]: s for s in payload["scores"]}
     assert scores["good"]["mean"] == 1.0 and scores["half"]["mean"] == 0.5

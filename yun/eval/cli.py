@@ -154,7 +154,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                      "error": ev.model_errors.get(e.name)}
             for e in endpoints + ([judge] if judge else [])}
     requests = {"sent": ev.stats.requests_sent, "from_cache": ev.stats.cache_hits}
-    payload = report.build_payload(sys.argv[2:], tasks, info, summary, results, requests)
+    # endpoint specs may hold API keys: the JSON names endpoints by URL and model only
+    options_json = {k: v for k, v in vars(args).items()
+                    if k not in ("func", "command", "endpoint", "judge")}
+    payload = report.build_payload(options_json, tasks, info, summary, results, requests)
     out = os.path.join(args.output_dir, "eval")
     print(f"requests: {requests['sent']} sent, {requests['from_cache']} from the cache "
           f"({cache_path if args.use_cache else 'off'})")

@@ -137,12 +137,12 @@ def format_errors(summary: Summary) -> str:
 
 
 # ---- files -----------------------------------------------------------------------------------
-def build_payload(argv: list[str], tasks: list[Task], endpoints: dict[str, dict[str, Any]],
+def build_payload(options: dict[str, Any], tasks: list[Task], endpoints: dict[str, dict[str, Any]],
                   summary: Summary, results: list[ItemResult],
                   requests: dict[str, int]) -> dict[str, Any]:
     judged = any(t.kind == "judge" for t in tasks)
     return {
-        "command": "yun eval " + " ".join(argv),
+        "options": options,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
         "tasks": [{"name": t.name, "kind": t.kind, "items": len(t.items), "source": t.source}
