@@ -142,3 +142,22 @@ def test_cli_rejects_bad_endpoints_and_tasks_with_a_message(tmp_path, capsys):
     assert "unique" in capsys.readouterr().err
     assert main(["eval", "--task", "qa_judge", "--endpoint", "a=http://x"]) == 2
     assert "--judge" in capsys.readouterr().err
+
+
+def test_eval_help_explains_every_flag(capsys):
+    import argparse
+
+    from yun.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices["eval"]
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert {"--task", "--endpoint", "--endpoints", "--judge", "--mc-scoring", "--limit",
+            "--concurrency", "--timeout", "--retries", "--cache", "--no-cache"} <= {
+        s for a in options for s in a.option_strings}
+    assert all(a.help and len(a.help) > 10 for a in options)
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "McNemar" in text and "loglik" in text and "mc_facts" in text
