@@ -21,29 +21,26 @@ from yun.eval.tasks import Item, Task, TaskOptions, read_jsonl
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined)
 
 
-class _Loader:
+def _loader():
     """yaml.SafeLoader that names `!function` hooks instead of failing obscurely."""
+    import yaml
 
-    @staticmethod
-    def build():
-        import yaml
+    class Loader(yaml.SafeLoader):
+        pass
 
-        class Loader(yaml.SafeLoader):
-            pass
+    def refuse(loader, node):
+        raise ValueError(f"!function {node.value}: Python hooks in lm-eval YAML are not "
+                         "supported by yun eval")
 
-        def refuse(loader, node):
-            raise ValueError(f"!function {node.value}: Python hooks in lm-eval YAML are not "
-                             "supported by yun eval")
-
-        Loader.add_constructor("!function", refuse)
-        return Loader
+    Loader.add_constructor("!function", refuse)
+    return Loader
 
 
 def read_yaml(path: str) -> dict[str, Any]:
     import yaml
 
     with open(path, encoding="utf-8") as f:
-        doc = yaml.load(f, Loader=_Loader.build()) or {}
+        doc = yaml.load(f, Loader=_loader()) or {}
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: not a task mapping")
     if "include" in doc:

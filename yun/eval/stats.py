@@ -7,6 +7,10 @@ test on the discordant pairs for right/wrong items, a sign-flip permutation test
 otherwise. p-values of many comparisons are corrected with Holm's step-down method.
 scipy does the tests and intervals; Holm's correction (eight lines) is ours, as scipy has
 only Benjamini-Hochberg.
+
+The verdict follows the (corrected) test. On few items the percentile bootstrap interval
+is narrower than the exact test is strict, so an interval that just excludes 0 can stand
+beside "no significant difference": read the p-value, and add items.
 """
 
 from __future__ import annotations
