@@ -19,9 +19,12 @@ def last_user(body: Body) -> str:
 
 def build_app(reply: Callable[[Body], str], fail: Callable[[Body], bool] = lambda b: False,
               delay_s: float = 0.0, log: list[Body] | None = None,
-              model: str = "fake") -> FastAPI:
+              model: str = "fake", in_flight: dict[str, int] | None = None) -> FastAPI:
+    """`in_flight` (if given) keeps "now" and "most": requests being answered at once."""
     app = FastAPI()
     seen = log if log is not None else []
+    flight = in_flight if in_flight is not None else {}
+    flight.update(now=0, most=0)
 
     @app.get("/v1/models")
     async def models() -> Body:
@@ -30,8 +33,13 @@ def build_app(reply: Callable[[Body], str], fail: Callable[[Body], bool] = lambd
     async def handle(request: Request, chat: bool):
         body = await request.json()
         seen.append(body)
-        if delay_s:
-            await asyncio.sleep(delay_s)
+        flight["now"] += 1
+        flight["most"] = max(flight["most"], flight["now"])
+        try:
+            if delay_s:
+                await asyncio.sleep(delay_s)
+        finally:
+            flight["now"] -= 1
         if fail(body):
             return JSONResponse({"error": {"message": "injected failure"}}, status_code=500)
         text = reply(body)

@@ -67,6 +67,35 @@ def test_failing_endpoints_are_reported_per_item_not_crashed_on(tmp_path):
     assert pair.n == 3 and pair.diff == 0.0  # only the items both answered
 
 
+def test_requests_in_flight_stay_within_the_bound_per_endpoint():
+    a, b = {}, {}
+    with live_server(build_app(right, delay_s=0.2, in_flight=a)) as ua, \
+            live_server(build_app(right, delay_s=0.2, in_flight=b)) as ub:
+        results, ev = evaluate([ARITH.limited(8)], [Endpoint("a", ua), Endpoint("b", ub)],
+                               AnswerCache(None), RunOptions(concurrency=2, retries=0,
+                                                             progress=False))
+    assert ev.stats.requests_sent == 16 and all(r.score == 1.0 for r in results)
+    assert a["most"] == b["most"] == 2
+
+
+def test_letter_scoring_asks_a_chat_model_with_lettered_choices():
+    from dataclasses import replace
+
+    task = replace(load_task("mc_facts").limited(4), kind="letter")
+    log: list = []
+
+    def letter(body) -> str:  # right on the first two items, "A" after
+        q = last_user(body)
+        item = next(it for it in task.items if q.startswith(it.prompt))
+        return "ABCD"[item.answer] + "." if item in task.items[:2] else "A"
+
+    with live_server(build_app(letter, log=log)) as url:
+        results, _ = evaluate([task], [Endpoint("a", url)], AnswerCache(None), QUIET)
+    assert any("\nA. Berlin\nB. Madrid\nC. Paris\nD. Rome\n" in last_user(b) for b in log)
+    expected = [1.0, 1.0] + [float(it.answer == 0) for it in task.items[2:]]
+    assert [r.score for r in results] == expected
+
+
 def test_a_rerun_asks_only_the_missing_and_the_failed_items(tmp_path):
     task = ARITH.limited(8)
     cache = str(tmp_path / "cache.jsonl")
