@@ -72,3 +72,26 @@ def test_grade_code_runs_the_fenced_solution_against_the_items_tests():
     quick = replace(task, options=replace(task.options, code_timeout_s=1.0))
     graded = grade_code(quick, item, loop)
     assert graded.score == 0.0 and graded.answer == "timeout"
+
+
+def test_code_task_through_the_evaluator_runaway_reply_scores_zero():
+    from dataclasses import replace
+
+    from tests.bench.conftest import live_server
+    from tests.eval.fake_endpoint import build_app, last_user
+    from yun.eval.cache import AnswerCache
+    from yun.eval.endpoints import Endpoint
+    from yun.eval.runner import RunOptions, evaluate
+
+    task = load_task("code_small").limited(2)  # add(a, b), is_even(n)
+    task = replace(task, options=replace(task.options, code_timeout_s=1.0))
+
+    def reply(body) -> str:
+        if "add(a, b)" in last_user(body):
+            return "```python\ndef add(a, b):\n    return a + b\n```"
+        return "```python\ndef is_even(n):\n    while True:\n        pass\n```"
+
+    with live_server(build_app(reply)) as url:
+        results, _ = evaluate([task], [Endpoint("a", url)], AnswerCache(None),
+                              RunOptions(retries=0, progress=False))
+    assert [(r.score, r.answer) for r in results] == [(1.0, "passed"), (0.0, "timeout")]
