@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # (file relative to the repository root, top-level module) -> the extra that provides it
 OPTIONAL: dict[tuple[str, str], str] = {
     ("yun/distributed/ray_replicas.py", "ray"): "ray",
+    ("yun/eval/stats.py", "scipy"): "eval",
 }
 
 
