@@ -18,7 +18,7 @@ from yun.eval import report
 from yun.eval.cache import AnswerCache
 from yun.eval.endpoints import Endpoint
 from yun.eval.runner import RunOptions, evaluate
-from yun.eval.tasks import load_task
+from yun.eval.task_loader import load_task
 
 QTYPES = ("Q8_0", "Q4_0")
 

@@ -16,7 +16,7 @@ from yun.eval import report
 from yun.eval.cache import AnswerCache
 from yun.eval.endpoints import Endpoint
 from yun.eval.runner import RunOptions, evaluate
-from yun.eval.tasks import load_task
+from yun.eval.task_loader import load_task
 
 ARITH = load_task("arith")
 ANSWERS = {it.prompt: it.answer for it in ARITH.items}

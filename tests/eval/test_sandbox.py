@@ -6,7 +6,7 @@ import time
 
 from yun.eval.sandbox import run_python
 from yun.eval.scorers import grade_code
-from yun.eval.tasks import load_task
+from yun.eval.task_loader import load_task
 
 
 def test_passing_and_failing_tests():

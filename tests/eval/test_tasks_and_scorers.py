@@ -14,7 +14,8 @@ from yun.eval import scorers
 from yun.eval.cache import AnswerCache
 from yun.eval.endpoints import Endpoint, load_endpoints_file, parse_endpoint
 from yun.eval.runner import RunOptions, evaluate
-from yun.eval.tasks import builtin_tasks, load_task
+from yun.eval.task_loader import load_task
+from yun.eval.tasks import builtin_tasks
 
 
 def write_jsonl(path, rows) -> str:

@@ -98,7 +98,7 @@ def _endpoints(args: argparse.Namespace):
 
 
 def _tasks(args: argparse.Namespace):
-    from yun.eval.tasks import load_task
+    from yun.eval.task_loader import load_task
 
     tasks = []
     for spec in args.task:

@@ -111,21 +111,6 @@ def builtin_tasks() -> list[str]:
     return sorted(f[:-6] for f in os.listdir(TASK_DIR) if f.endswith(".jsonl"))
 
 
-def load_task(spec: str) -> Task:
-    """A task from a .jsonl file, an lm-eval .yaml file, or a built-in name (yun/eval/tasks)."""
-    path = os.path.expanduser(spec)
-    if not os.path.exists(path) and spec in builtin_tasks():
-        path = os.path.join(TASK_DIR, spec + ".jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{spec}: no such task file (built-in tasks: "
-                                f"{', '.join(builtin_tasks())})")
-    if path.endswith((".yaml", ".yml")):
-        from yun.eval.lm_eval_yaml import load_lm_eval_task
-
-        return load_lm_eval_task(path)
-    return load_jsonl_task(path)
-
-
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     rows = []
     with open(path, encoding="utf-8") as f:
