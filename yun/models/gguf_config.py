@@ -56,7 +56,9 @@ _DEEPSEEK: dict[str, str] = {
 
 _NUMERIC = ({*_COMMON.values(), *_MOE.values(), *_DEEPSEEK.values()} - {"expert_weights_norm"}) | {
     "vocab_size", "attention.key_length", "attention.key_length_mla", "rope.scaling.factor",
-    "rope.scaling.original_context_length", "expert_gating_func"}
+    "rope.scaling.original_context_length", "expert_gating_func", "rope.scaling.yarn_beta_fast",
+    "rope.scaling.yarn_beta_slow", "rope.scaling.yarn_attn_factor", "rope.scaling.yarn_log_multiplier",
+    "attention.sliding_window"}
 
 # llama.cpp's expert gating functions (LLAMA_EXPERT_GATING_FUNC_TYPE).
 _GATING_SOFTMAX, _GATING_SIGMOID = 1, 2
@@ -156,6 +158,8 @@ def _deepseek(hf: dict[str, Any], get: Callable[..., Any], label: str) -> None:
 
 
 def _rope_scaling(get: Callable[..., Any], arch: str) -> dict[str, Any] | None:
+    """`{arch}.rope.scaling.*` -> transformers' rope_scaling fields (llama.cpp writes
+    `linear` and `yarn` here; Llama 3's scaling travels as the rope_freqs tensor)."""
     kind = get("rope.scaling.type")
     if kind in (None, "none"):
         return None
@@ -165,7 +169,8 @@ def _rope_scaling(get: Callable[..., Any], arch: str) -> dict[str, Any] | None:
         scaling["original_max_position_embeddings"] = int(orig)
     if kind == "yarn":
         for ours, key in (("beta_fast", "rope.scaling.yarn_beta_fast"),
-                          ("beta_slow", "rope.scaling.yarn_beta_slow")):
+                          ("beta_slow", "rope.scaling.yarn_beta_slow"),
+                          ("attention_factor", "rope.scaling.yarn_attn_factor")):
             if (v := get(key)) is not None:
                 scaling[ours] = float(v)
         if (log_mul := get("rope.scaling.yarn_log_multiplier")) is not None and arch == "deepseek2":

@@ -16,7 +16,7 @@ from yun.layers.attention import paged_attention
 from yun.layers.context import get_forward_context
 from yun.layers.linear import Linear, MergedLinear
 from yun.layers.norm import RMSNorm
-from yun.layers.rotary import RotaryEmbedding, apply_rope_, rope_inv_freq
+from yun.layers.rotary import RotaryEmbedding, apply_rope_
 
 
 class Attention(nn.Module):
@@ -99,9 +99,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = DecoderModel(cfg, self.layer_cls, self.qkv_bias(cfg), self.qk_norm(cfg))
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.rotary = RotaryEmbedding(
-            cfg.head_dim, cfg.max_position_embeddings,
-            rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                      cfg.max_position_embeddings)
 
     def tie_weights(self) -> None:
         """Share the embedding with the head when the config says so (re-run after moves)."""
