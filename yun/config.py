@@ -139,6 +139,22 @@ class ModelConfig:
             return int(self.max_position_embeddings * factor)
         return self.max_position_embeddings
 
+    def sliding_window(self, layer: int) -> int | None:
+        """The attention window of `layer` (None: full attention), as transformers reads
+        Qwen2/Qwen3 configs: a window only with `use_sliding_window`, on the layers that
+        `layer_types` marks "sliding_attention" (without layer_types, Qwen2/Qwen3 slide
+        from layer `max_window_layers` on; other families need layer_types)."""
+        hf = self.hf
+        window = hf.get("sliding_window")
+        if not hf.get("use_sliding_window") or not window:
+            return None
+        types = hf.get("layer_types")
+        if types is not None:
+            return int(window) if types[layer] == "sliding_attention" else None
+        if self.architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+            return int(window) if layer >= hf.get("max_window_layers", 28) else None
+        return None
+
     @property
     def is_gguf(self) -> bool:
         """The checkpoint is one GGUF file (`path`), not an HF folder."""

@@ -126,6 +126,7 @@ def hf_config(meta: Callable[[str], Any], n_vocab: int, tensor_names: set[str],
         hf.setdefault("moe_intermediate_size", hf.get("intermediate_size"))
     if arch == "deepseek2":
         _deepseek(hf, get, label)
+    _sliding_window(hf, get, meta(f"{arch}.attention.sliding_window_pattern"))
     if scaling := _rope_scaling(get, arch):
         hf["rope_scaling"] = scaling
     eos = meta("tokenizer.ggml.eos_token_id")
@@ -155,6 +156,20 @@ def _deepseek(hf: dict[str, Any], get: Callable[..., Any], label: str) -> None:
     hf.setdefault("first_k_dense_replace", 0)
     if not hf.get("q_lora_rank"):
         hf["q_lora_rank"] = None
+
+
+def _sliding_window(hf: dict[str, Any], get: Callable[..., Any], pattern: Any) -> None:
+    """`attention.sliding_window` + its per-layer `sliding_window_pattern` (True = a
+    sliding layer) -> use_sliding_window / sliding_window / layer_types. A window with no
+    pattern is left out, as llama.cpp runs these families without one."""
+    window = get("attention.sliding_window")
+    if not window or pattern is None:
+        return
+    flags = [bool(x) for x in pattern]
+    if len(flags) != hf["num_hidden_layers"]:
+        return
+    hf.update(use_sliding_window=True, sliding_window=int(window),
+              layer_types=["sliding_attention" if f else "full_attention" for f in flags])
 
 
 def _rope_scaling(get: Callable[..., Any], arch: str) -> dict[str, Any] | None:

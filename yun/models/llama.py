@@ -31,6 +31,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if qk_norm else None
         self.scale = self.d ** -0.5
+        self.window = cfg.sliding_window(layer_idx)  # None: full attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
@@ -43,7 +44,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope_(q, cos, sin), apply_rope_(k, cos, sin)  # q, k: views of the QKV output
         cache = get_forward_context().kv_caches[self.layer_idx]
-        o = paged_attention(q, k, v, cache, self.scale)  # [T, H, D]
+        o = paged_attention(q, k, v, cache, self.scale, window=self.window)  # [T, H, D]
         return self.o_proj(o.reshape(T, self.h * self.d))
 
 
