@@ -48,8 +48,9 @@ class EngineConfig:
         "quantized GGUF file): q8_0 (8-bit, near lossless), q4_0, q4_1, q5_0, q5_1. "
         "Default: keep the checkpoint's weights.", choices=QUANTIZATIONS)
     max_model_len: int | None = _opt(
-        None, "Longest sequence (prompt + output) in tokens. Default: the model's "
-        "max_position_embeddings, capped by what the KV cache holds.")
+        None, "Longest sequence (prompt + output) in tokens. Default: the model's context "
+        "length (max_position_embeddings, stretched by a YaRN, linear or dynamic rope "
+        "scaling), capped by what the KV cache holds.")
     block_size: int = _opt(16, "Tokens per KV-cache block.")
     kv_cache_memory: int | None = _opt(
         None, "KV-cache size in bytes (suffixes K, M, G accepted on the CLI). Default: "
@@ -148,6 +149,36 @@ class ModelConfig:
     hf: dict[str, Any]
 
     @property
+    def max_context_len(self) -> int:
+        """The longest sequence the model takes: max_position_embeddings, stretched by
+        the rope scaling where the config keeps the pretraining length there (YaRN:
+        original_max_position_embeddings x factor; linear and dynamic: x factor)."""
+        s = self.rope_scaling or {}
+        kind, factor = s.get("rope_type"), float(s.get("factor") or 1.0)
+        if kind == "yarn":
+            stretched = int(s["original_max_position_embeddings"] * factor)
+            return max(self.max_position_embeddings, stretched)
+        if kind in ("linear", "dynamic"):
+            return int(self.max_position_embeddings * factor)
+        return self.max_position_embeddings
+
+    def sliding_window(self, layer: int) -> int | None:
+        """The attention window of `layer` (None: full attention), as transformers reads
+        Qwen2/Qwen3 configs: a window only with `use_sliding_window`, on the layers that
+        `layer_types` marks "sliding_attention" (without layer_types, Qwen2/Qwen3 slide
+        from layer `max_window_layers` on; other families need layer_types)."""
+        hf = self.hf
+        window = hf.get("sliding_window")
+        if not hf.get("use_sliding_window") or not window:
+            return None
+        types = hf.get("layer_types")
+        if types is not None:
+            return int(window) if types[layer] == "sliding_attention" else None
+        if self.architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+            return int(window) if layer >= hf.get("max_window_layers", 28) else None
+        return None
+
+    @property
     def is_gguf(self) -> bool:
         """The checkpoint is one GGUF file (`path`), not an HF folder."""
         return os.path.isfile(self.path)
@@ -215,11 +246,19 @@ class ModelConfig:
         )
 
 
+# Scalings whose fields name the pretraining context (transformers fills it in when missing).
+_ORIGINAL_LEN_TYPES = ("llama3", "yarn", "longrope")
+
+
 def _rope_settings(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """rope_theta and rope scaling, from either config style.
 
-    Released checkpoints have `rope_theta` + `rope_scaling`; transformers 5 writes
-    `rope_parameters` = {"rope_type", "rope_theta", ...scaling fields}.
+    Released checkpoints have `rope_theta` + `rope_scaling` (whose kind is `type` in older
+    files, `rope_type` in newer ones); transformers 5 writes `rope_parameters` =
+    {"rope_type", "rope_theta", ...scaling fields}, per layer type in some models. The
+    scaling comes back with `rope_type` set and, for llama3 / yarn / longrope,
+    `original_max_position_embeddings` (a top-level field of that name wins, as in
+    transformers; else max_position_embeddings).
     """
     params = hf.get("rope_parameters")
     if isinstance(params, dict) and "full_attention" in params:  # per-layer-type form
@@ -231,11 +270,17 @@ def _rope_settings(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         if scaling is None:
             scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     if scaling:
-        scaling = dict(scaling)
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        scaling["rope_type"] = kind
-        if kind == "default":
+        scaling = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")} | {
+            "rope_type": scaling.get("rope_type", scaling.get("type", "default"))}
+        if scaling["rope_type"] == "su":  # LongRoPE's first name
+            scaling["rope_type"] = "longrope"
+        if scaling["rope_type"] == "default":
             scaling = None
+        elif scaling["rope_type"] in _ORIGINAL_LEN_TYPES:
+            if hf.get("original_max_position_embeddings") is not None:
+                scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+            scaling.setdefault("original_max_position_embeddings",
+                               hf.get("max_position_embeddings", 4096))
     return float(theta if theta is not None else 10000.0), scaling or None
 
 

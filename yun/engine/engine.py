@@ -114,12 +114,13 @@ class LLMEngine:
         return task
 
     def _resolve_max_len(self, wanted: int | None, capacity: int) -> int:
-        limit = self.model_config.max_position_embeddings
+        limit = self.model_config.max_context_len
         if wanted is None:
             return min(limit, capacity)
         if wanted > limit:
-            raise ValueError(f"max_model_len={wanted} exceeds the model's "
-                             f"max_position_embeddings ({limit})")
+            raise ValueError(f"max_model_len={wanted} exceeds the model's context length "
+                             f"({limit} tokens: max_position_embeddings, stretched by its "
+                             "rope scaling if any)")
         if wanted > capacity:
             raise ValueError(f"max_model_len={wanted} does not fit the KV cache "
                              f"({capacity} tokens); raise kv_cache_memory")

@@ -143,7 +143,8 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
                                      torch::Tensor v_cache, torch::Tensor block_tables,
-                                     torch::Tensor context_lens, double scale);
+                                     torch::Tensor context_lens, double scale,
+                                     int64_t window);
 
 torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
@@ -154,7 +155,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_bf16", &gemm_bf16, "x @ w.T for bfloat16 weights, many rows (AVX-512)");
   m.def("gemv_bf16", &gemv_bf16, "skinny x @ w.T for bfloat16 weights (AVX-512)");
   m.def("paged_decode_attention", &paged_decode_attention,
-        "decode attention read straight from the paged KV cache");
+        "decode attention read straight from the paged KV cache", py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
+        py::arg("window") = 0);
   m.def("rms_norm", &rms_norm, "RMSNorm in one pass (float32/bfloat16)");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over a fused [T, 2I] projection");
   m.def("rope_neox_", &rope_neox_, "neox rotary embedding, in place");

@@ -43,25 +43,28 @@ inline void axpy(float a, const T* v, float* out, int64_t D) {
 template <typename T>
 void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* lens,
             T* out, int64_t B, int64_t H, int64_t KvH, int64_t D, int64_t BS, int64_t max_blocks,
-            float scale) {
+            float scale, int64_t window) {
   const int64_t G = H / KvH;
   // Strides of the cache [NB, BS, KvH, D].
   const int64_t s_tok = KvH * D, s_blk = BS * KvH * D;
   at::parallel_for(0, B * KvH, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> qf(G * D), acc(G * D), scores;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / KvH, h = i % KvH, L = lens[b];
+      const int64_t b = i / KvH, h = i % KvH, len = lens[b];
+      // Sliding window: the query (position len - 1) sees keys t >= len - window.
+      const int64_t t0 = window > 0 && len > window ? len - window : 0, L = len - t0;
       const int64_t* table = tables + b * max_blocks;
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d)
           qf[g * D + d] = load1(q + (b * H + h * G + g) * D + d) * scale;
       scores.assign(G * L, 0.f);
       std::vector<float> mx(G, -INFINITY), sum(G, 0.f);
-      for (int64_t t = 0; t < L; ++t) {
+      for (int64_t j = 0; j < L; ++j) {
+        const int64_t t = t0 + j;
         const T* k = kc + table[t / BS] * s_blk + (t % BS) * s_tok + h * D;
         for (int64_t g = 0; g < G; ++g) {
           const float s = dot(qf.data() + g * D, k, D);
-          scores[g * L + t] = s;
+          scores[g * L + j] = s;
           mx[g] = std::max(mx[g], s);
         }
       }
@@ -72,9 +75,10 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
           sum[g] += e;
         }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < L; ++t) {
+      for (int64_t j = 0; j < L; ++j) {
+        const int64_t t = t0 + j;
         const T* v = vc + table[t / BS] * s_blk + (t % BS) * s_tok + h * D;
-        for (int64_t g = 0; g < G; ++g) axpy(scores[g * L + t], v, acc.data() + g * D, D);
+        for (int64_t g = 0; g < G; ++g) axpy(scores[g * L + j], v, acc.data() + g * D, D);
       }
       for (int64_t g = 0; g < G; ++g) {
         T* o = out + (b * H + h * G + g) * D;
@@ -88,10 +92,12 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
 }  // namespace
 
 // q: [B, H, D]; k_cache, v_cache: [NB, BS, KvH, D] (contiguous, q's dtype);
-// block_tables: [B, max_blocks] int64; context_lens: [B] int64. Returns [B, H, D].
+// block_tables: [B, max_blocks] int64; context_lens: [B] int64; window: attend to the
+// last `window` positions only (sliding-window layers), 0 = all. Returns [B, H, D].
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
                                      torch::Tensor v_cache, torch::Tensor block_tables,
-                                     torch::Tensor context_lens, double scale) {
+                                     torch::Tensor context_lens, double scale,
+                                     int64_t window) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "expected q [B, H, D] and caches [NB, BS, KvH, D]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
@@ -108,12 +114,12 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
   if (q.scalar_type() == at::kFloat) {
     decode<float>(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
                   bt.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H,
-                  KvH, D, BS, bt.size(1), static_cast<float>(scale));
+                  KvH, D, BS, bt.size(1), static_cast<float>(scale), window);
   } else if (q.scalar_type() == at::kBFloat16) {
     decode<at::BFloat16>(qc.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(),
                          v_cache.data_ptr<at::BFloat16>(), bt.data_ptr<int64_t>(),
                          lens.data_ptr<int64_t>(), out.data_ptr<at::BFloat16>(), B, H, KvH, D,
-                         BS, bt.size(1), static_cast<float>(scale));
+                         BS, bt.size(1), static_cast<float>(scale), window);
   } else {
     TORCH_CHECK(false, "paged_decode_attention supports float32 and bfloat16");
   }

@@ -5,6 +5,10 @@ New keys/values are written to their slots first; then decodes (one query each) 
 one batched SDPA over their gathered blocks, and each prefill (chunk) runs on its own:
 a fresh prompt attends to its own keys causally without touching the cache, a chunk
 after a cached prefix attends to the gathered prefix plus itself.
+
+Sliding-window layers (`window` = W) let the query at position p see keys p - W < k <= p,
+as transformers' sliding-window mask does; the native decode kernel starts its loop at
+the window's first key.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from yun.layers.context import AttentionMetadata, get_forward_context
 
 
 # Optional native decode kernel (see yun/kernels): (q [B,H,D], k_cache, v_cache,
-# block_tables, context_lens, scale) -> [B,H,D]. Installed by the runner on CPU.
+# block_tables, context_lens, scale, window) -> [B,H,D]. Installed by the runner on CPU.
 DecodeFn = Callable[..., torch.Tensor]
 _decode_kernel: DecodeFn | None = None
 
@@ -47,9 +51,37 @@ def gather_kv(cache_kv: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor
     return g.flatten(-4, -3)
 
 
+def _causal_mask(q_len: int, ctx_len: int, window: int | None,
+                 device: torch.device) -> torch.Tensor:
+    """[q, ctx] bool, True = attend: the chunk's queries are the last q_len positions."""
+    q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)[:, None]
+    k_pos = torch.arange(ctx_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def _decode_torch(q: torch.Tensor, cache: torch.Tensor, scale: float, meta: AttentionMetadata,
+                  window: int | None, gqa: bool) -> torch.Tensor:
+    kc = gather_kv(cache[0], meta.decode_block_tables).transpose(1, 2)  # [B, KvH, L, D]
+    vc = gather_kv(cache[1], meta.decode_block_tables).transpose(1, 2)
+    mask = meta.decode_mask  # [B, 1, 1, L]
+    if window is not None:
+        span = torch.arange(mask.shape[-1], device=mask.device)
+        first = (meta.decode_context_lens - window)[:, None, None, None]
+        mask = mask & (span >= first)
+    qd = q.unsqueeze(2)  # [B, H, 1, D]
+    o = F.scaled_dot_product_attention(qd, kc.to(q.dtype), vc.to(q.dtype), attn_mask=mask,
+                                       scale=scale, enable_gqa=gqa)
+    return o.squeeze(2)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
-                    scale: float, meta: AttentionMetadata | None = None) -> torch.Tensor:
-    """q: [T, H, D], k/v: [T, KvH, D] for the new tokens -> [T, H, D]."""
+                    scale: float, meta: AttentionMetadata | None = None,
+                    window: int | None = None) -> torch.Tensor:
+    """q: [T, H, D], k/v: [T, KvH, D] for the new tokens -> [T, H, D]. `window`: a
+    sliding-window layer's width (None: full causal attention)."""
     if meta is None:
         meta = get_forward_context().attn
     write_kv(cache, k, v, meta.slot_mapping)
@@ -58,28 +90,23 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     nd = meta.num_decodes
     if nd and _decode_kernel is not None and q.device.type == "cpu":
         out[:nd] = _decode_kernel(q[:nd], cache[0], cache[1], meta.decode_block_tables,
-                                  meta.decode_context_lens, scale)
+                                  meta.decode_context_lens, scale, window or 0)
     elif nd:
-        kc = gather_kv(cache[0], meta.decode_block_tables).transpose(1, 2)  # [B, KvH, L, D]
-        vc = gather_kv(cache[1], meta.decode_block_tables).transpose(1, 2)
-        qd = q[:nd].unsqueeze(2)  # [B, H, 1, D]
-        o = F.scaled_dot_product_attention(qd, kc.to(q.dtype), vc.to(q.dtype),
-                                           attn_mask=meta.decode_mask, scale=scale,
-                                           enable_gqa=gqa)
-        out[:nd] = o.squeeze(2)
+        out[:nd] = _decode_torch(q[:nd], cache, scale, meta, window, gqa)
     for p in meta.prefills:
         rows = slice(p.q_start, p.q_start + p.q_len)
         qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
+        windowed = window is not None and p.ctx_len > window
         if p.ctx_len == p.q_len:  # nothing before this chunk: attend to own keys
             ks = k[rows].transpose(0, 1).unsqueeze(0)
             vs = v[rows].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
-                                               enable_gqa=gqa)
+            mask = _causal_mask(p.q_len, p.ctx_len, window, q.device) if windowed else None
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=not windowed,
+                                               scale=scale, enable_gqa=gqa)
         else:
             ks = gather_kv(cache[0], p.block_table)[:p.ctx_len].transpose(0, 1).unsqueeze(0)
             vs = gather_kv(cache[1], p.block_table)[:p.ctx_len].transpose(0, 1).unsqueeze(0)
-            q_pos = torch.arange(p.ctx_len - p.q_len, p.ctx_len, device=q.device)
-            mask = torch.arange(p.ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+            mask = _causal_mask(p.q_len, p.ctx_len, window if windowed else None, q.device)
             o = F.scaled_dot_product_attention(qs, ks.to(q.dtype), vs.to(q.dtype),
                                                attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[rows] = o.squeeze(0).transpose(0, 1)

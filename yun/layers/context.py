@@ -35,6 +35,16 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # [B_d, 1, 1, max_blocks * block_size] bool, True = attend
     prefills: list[PrefillSeq] = field(default_factory=list)
 
+    def token_seq_lens(self, num_tokens: int) -> torch.Tensor:
+        """[T] (cpu, long): the length each token's sequence reaches at the end of this
+        step (read by the length-dependent RoPE scalings)."""
+        lens = torch.empty(num_tokens, dtype=torch.long)
+        if self.num_decodes:
+            lens[:self.num_decodes] = self.decode_context_lens.cpu()
+        for p in self.prefills:
+            lens[p.q_start:p.q_start + p.q_len] = p.ctx_len
+        return lens
+
 
 @dataclass
 class ForwardContext:

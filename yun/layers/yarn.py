@@ -1,4 +1,5 @@
-"""YaRN rope scaling (https://arxiv.org/abs/2309.00071) as DeepSeek-V3 configures it.
+"""YaRN rope scaling (https://arxiv.org/abs/2309.00071), as Qwen2.5/Qwen3, Llama-style
+and DeepSeek-V3 checkpoints configure it (transformers' `rope_type: yarn` fields).
 
 Frequencies that turn fewer than `beta_slow` times over the original context are
 interpolated (divided by `factor`), those turning more than `beta_fast` times are kept,

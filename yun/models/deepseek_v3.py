@@ -26,8 +26,8 @@ from yun.layers.mla_attention import mla_attention
 from yun.layers.moe import (FusedExperts, expert_checkpoint_name, expert_weight_target,
                             grouped_topk)
 from yun.layers.norm import RMSNorm
-from yun.layers.rotary import RotaryEmbedding, apply_rope, rope_inv_freq
-from yun.layers.yarn import yarn_inv_freq, yarn_mscale
+from yun.layers.rotary import RotaryEmbedding, apply_rope
+from yun.layers.yarn import yarn_mscale
 from yun.models.llama import MLP
 
 
@@ -168,11 +168,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.model = DecoderModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
-        r, s = cfg.hf["qk_rope_head_dim"], cfg.rope_scaling
-        inv_freq, attn_factor = (yarn_inv_freq(r, cfg.rope_theta, s, cfg.max_position_embeddings)
-                                 if s and s["rope_type"] == "yarn"
-                                 else (rope_inv_freq(r, cfg.rope_theta, s), 1.0))
-        self.rotary = RotaryEmbedding(r, cfg.max_position_embeddings, inv_freq, attn_factor)
+        self.rotary = RotaryEmbedding(cfg.hf["qk_rope_head_dim"], cfg.rope_theta,
+                                      cfg.rope_scaling, cfg.max_position_embeddings)
 
     def tie_weights(self) -> None:
         if self.cfg.tie_word_embeddings:

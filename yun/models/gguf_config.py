@@ -56,7 +56,9 @@ _DEEPSEEK: dict[str, str] = {
 
 _NUMERIC = ({*_COMMON.values(), *_MOE.values(), *_DEEPSEEK.values()} - {"expert_weights_norm"}) | {
     "vocab_size", "attention.key_length", "attention.key_length_mla", "rope.scaling.factor",
-    "rope.scaling.original_context_length", "expert_gating_func"}
+    "rope.scaling.original_context_length", "expert_gating_func", "rope.scaling.yarn_beta_fast",
+    "rope.scaling.yarn_beta_slow", "rope.scaling.yarn_attn_factor", "rope.scaling.yarn_log_multiplier",
+    "attention.sliding_window"}
 
 # llama.cpp's expert gating functions (LLAMA_EXPERT_GATING_FUNC_TYPE).
 _GATING_SOFTMAX, _GATING_SIGMOID = 1, 2
@@ -124,6 +126,7 @@ def hf_config(meta: Callable[[str], Any], n_vocab: int, tensor_names: set[str],
         hf.setdefault("moe_intermediate_size", hf.get("intermediate_size"))
     if arch == "deepseek2":
         _deepseek(hf, get, label)
+    _sliding_window(hf, get, meta(f"{arch}.attention.sliding_window_pattern"))
     if scaling := _rope_scaling(get, arch):
         hf["rope_scaling"] = scaling
     eos = meta("tokenizer.ggml.eos_token_id")
@@ -155,7 +158,23 @@ def _deepseek(hf: dict[str, Any], get: Callable[..., Any], label: str) -> None:
         hf["q_lora_rank"] = None
 
 
+def _sliding_window(hf: dict[str, Any], get: Callable[..., Any], pattern: Any) -> None:
+    """`attention.sliding_window` + its per-layer `sliding_window_pattern` (True = a
+    sliding layer) -> use_sliding_window / sliding_window / layer_types. A window with no
+    pattern is left out, as llama.cpp runs these families without one."""
+    window = get("attention.sliding_window")
+    if not window or pattern is None:
+        return
+    flags = [bool(x) for x in pattern]
+    if len(flags) != hf["num_hidden_layers"]:
+        return
+    hf.update(use_sliding_window=True, sliding_window=int(window),
+              layer_types=["sliding_attention" if f else "full_attention" for f in flags])
+
+
 def _rope_scaling(get: Callable[..., Any], arch: str) -> dict[str, Any] | None:
+    """`{arch}.rope.scaling.*` -> transformers' rope_scaling fields (llama.cpp writes
+    `linear` and `yarn` here; Llama 3's scaling travels as the rope_freqs tensor)."""
     kind = get("rope.scaling.type")
     if kind in (None, "none"):
         return None
@@ -165,7 +184,8 @@ def _rope_scaling(get: Callable[..., Any], arch: str) -> dict[str, Any] | None:
         scaling["original_max_position_embeddings"] = int(orig)
     if kind == "yarn":
         for ours, key in (("beta_fast", "rope.scaling.yarn_beta_fast"),
-                          ("beta_slow", "rope.scaling.yarn_beta_slow")):
+                          ("beta_slow", "rope.scaling.yarn_beta_slow"),
+                          ("attention_factor", "rope.scaling.yarn_attn_factor")):
             if (v := get(key)) is not None:
                 scaling[ours] = float(v)
         if (log_mul := get("rope.scaling.yarn_log_multiplier")) is not None and arch == "deepseek2":

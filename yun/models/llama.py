@@ -16,7 +16,7 @@ from yun.layers.attention import paged_attention
 from yun.layers.context import get_forward_context
 from yun.layers.linear import Linear, MergedLinear
 from yun.layers.norm import RMSNorm
-from yun.layers.rotary import RotaryEmbedding, apply_rope_, rope_inv_freq
+from yun.layers.rotary import RotaryEmbedding, apply_rope_
 
 
 class Attention(nn.Module):
@@ -31,6 +31,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if qk_norm else None
         self.scale = self.d ** -0.5
+        self.window = cfg.sliding_window(layer_idx)  # None: full attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
@@ -43,7 +44,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope_(q, cos, sin), apply_rope_(k, cos, sin)  # q, k: views of the QKV output
         cache = get_forward_context().kv_caches[self.layer_idx]
-        o = paged_attention(q, k, v, cache, self.scale)  # [T, H, D]
+        o = paged_attention(q, k, v, cache, self.scale, window=self.window)  # [T, H, D]
         return self.o_proj(o.reshape(T, self.h * self.d))
 
 
@@ -99,9 +100,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = DecoderModel(cfg, self.layer_cls, self.qkv_bias(cfg), self.qk_norm(cfg))
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.rotary = RotaryEmbedding(
-            cfg.head_dim, cfg.max_position_embeddings,
-            rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                      cfg.max_position_embeddings)
 
     def tie_weights(self) -> None:
         """Share the embedding with the head when the config says so (re-run after moves)."""

@@ -7,7 +7,8 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::T
 torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
                                      torch::Tensor v_cache, torch::Tensor block_tables,
-                                     torch::Tensor context_lens, double scale);
+                                     torch::Tensor context_lens, double scale,
+                                     int64_t window);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor silu_and_mul(torch::Tensor x);
 torch::Tensor rope_neox_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
@@ -17,7 +18,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_bf16", &gemm_bf16, "x @ w.T for bfloat16 weights, many rows (AVX2)");
   m.def("gemv_bf16", &gemv_bf16, "skinny x @ w.T for bfloat16 weights (AVX2)");
   m.def("paged_decode_attention", &paged_decode_attention,
-        "decode attention read straight from the paged KV cache (AVX2)");
+        "decode attention read straight from the paged KV cache (AVX2)", py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
+        py::arg("window") = 0);
   m.def("rms_norm", &rms_norm, "RMSNorm in one pass (float32/bfloat16, AVX2)");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over a fused [T, 2I] projection (AVX2)");
   m.def("rope_neox_", &rope_neox_, "neox rotary embedding, in place (AVX2)");
