@@ -85,6 +85,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     guided: GuidedDecoding | None = None  # constrained decoding (JSON schema, regex, ...)
+    # Scheduling class: higher is admitted and scheduled first, preempted last (the server
+    # sets it from the tenant's class; yun/engine/priority.py ages it so none starves).
+    priority: int = 0
     # Filled by the engine from the model's generation config; not user-facing.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -131,6 +134,8 @@ class SamplingParams:
             raise bad("presence_penalty", "must be in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise bad("frequency_penalty", "must be in [-2, 2]")
+        if not isinstance(self.priority, int):
+            raise bad("priority", "must be an integer")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and value < 0:
