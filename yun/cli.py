@@ -1,4 +1,4 @@
-"""`yun serve | generate | chat | bench`: one entry point.
+"""`yun serve | generate | chat | bench | admin`: one entry point.
 
 Engine flags are generated from `EngineConfig`'s fields (with their help text), so the
 CLI and the Python API never disagree about what can be set.
@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     from yun.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    from yun.tenants.cli import add_admin_parser
+
+    add_admin_parser(sub)
     return parser
 
 

@@ -81,7 +81,7 @@ class ChatCompletions:
             await s.check_guided(params.guided, guided_param)
         job = Job(ids, text, params, f"chatcmpl-{uuid.uuid4().hex}")
         new_parser = lambda: self._parser(req, plan, text)  # noqa: E731 - one per choice
-        slot = s.admit(1)
+        slot = await s.admit(raw, [job], job.request_id)
         if req.stream:
             return SSEResponse(self._stream(req, job, arrival, slot, new_parser, plan),
                                on_close=slot.release)

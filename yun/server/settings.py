@@ -26,7 +26,21 @@ class ServerSettings:
     host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0 to accept other machines).")
     port: int = _opt(8000, "TCP port to listen on (0 picks a free one).")
     api_key: str | None = _opt(
-        None, "Require `Authorization: Bearer KEY` on the API routes. Default: no key.")
+        None, "Require `Authorization: Bearer KEY` on the API routes. Default: no key. With "
+        "tenants it is one more key, of the tenant named `default`.")
+    tenants: bool = _opt(
+        False, "Serve many tenants: every API request needs a tenant's key (created with "
+        "`yun admin keys create`), is admitted against its tenant's and key's limits, and "
+        "leaves a usage record in the tenants database. Implied by --database and "
+        "--admin-key.")
+    database: str | None = _opt(
+        None, "The tenants database: postgresql://USER:PASSWORD@HOST/DB (psycopg) to share "
+        "tenants, limits and usage between servers, or sqlite:///PATH. Default: "
+        "tenants.db under the data folder ($YUN_DATA_DIR, else $XDG_DATA_HOME/yun, else "
+        "~/.local/share/yun).")
+    admin_key: str | None = _opt(
+        None, "Serve the admin API (/admin/tenants, /admin/keys, /admin/usage) to "
+        "`Authorization: Bearer ADMIN_KEY`. Default: no admin API.")
     served_model_name: str | None = _opt(
         None, "The model name clients send and see in /v1/models. Default: the MODEL "
         "argument as given, or SmolLM2-135M-Instruct for the default model.")
@@ -88,6 +102,14 @@ class ServerSettings:
             raise ValueError(f"routing must be one of {ROUTING_CHOICES}, got {self.routing!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must not be empty (leave it unset for no key)")
+        if self.admin_key is not None and len(self.admin_key.strip()) < 16:
+            raise ValueError("admin_key must have at least 16 characters")
+        if self.admin_key is not None and self.admin_key == self.api_key:
+            raise ValueError("admin_key must differ from api_key")
+
+    @property
+    def multi_tenant(self) -> bool:
+        return self.tenants or self.database is not None or self.admin_key is not None
 
     @classmethod
     def field_names(cls) -> list[str]:
