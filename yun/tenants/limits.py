@@ -105,9 +105,9 @@ class Ledger:
     def admit(self, who: Principal, request_id: str, model: str, reserved: int) -> int:
         """Insert the request's record (status running) if every limit allows it; returns
         its id. Raises LimitExceeded, or AuthError if the key or tenant was just turned off."""
-        now = self.clock()
         with self.store.sessions.begin() as s:
             t = s.scalar(select(Tenant).where(Tenant.id == who.tenant_id).with_for_update())
+            now = self.clock()  # read under the lock: times follow the order of admissions
             k = None if who.key_id is None else s.get(ApiKey, who.key_id)
             if t is None:
                 raise AuthError("the tenant no longer exists")
@@ -196,13 +196,14 @@ class Ledger:
     def finish(self, record_id: int, result: Settlement) -> None:
         """Write the request's real counts (durably: committed before this returns) and
         give back the rest of its reservation."""
-        now = self.clock()
         with self.store.sessions.begin() as s:
+            tenant = s.scalar(select(UsageRecord.tenant_id).where(UsageRecord.id == record_id))
+            # Lock the tenant (as admission does), so a settlement never races one.
+            s.scalar(select(Tenant.id).where(Tenant.id == tenant).with_for_update())
+            now = self.clock()
             rec = s.scalar(select(UsageRecord).where(UsageRecord.id == record_id))
             if rec is None or rec.status != "running":
                 return  # already settled (or ended by a heartbeat as interrupted)
-            # Lock the tenant first (as admission does), so a settlement never races one.
-            s.scalar(select(Tenant.id).where(Tenant.id == rec.tenant_id).with_for_update())
             actual = result.prompt_tokens + result.completion_tokens
             rec.status, rec.ended_at, rec.ttft_s = result.status, now, result.ttft_s
             rec.prompt_tokens, rec.cached_tokens = result.prompt_tokens, result.cached_tokens
