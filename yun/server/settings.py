@@ -40,7 +40,7 @@ class ServerSettings:
         "~/.local/share/yun).")
     admin_key: str | None = _opt(
         None, "Serve the admin API (/admin/tenants, /admin/keys, /admin/usage) to "
-        "`Authorization: Bearer ADMIN_KEY`. Default: no admin API.")
+        "`Authorization: Bearer ADMIN_KEY` (at least 16 characters). Default: no admin API.")
     served_model_name: str | None = _opt(
         None, "The model name clients send and see in /v1/models. Default: the MODEL "
         "argument as given, or SmolLM2-135M-Instruct for the default model.")

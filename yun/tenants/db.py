@@ -53,7 +53,11 @@ def make_engine(url: str | None = None) -> Engine:
     if not url.startswith("postgresql"):
         raise ValueError(f"unsupported database URL {redact(url)!r}: use sqlite:///PATH or "
                          "postgresql://USER:PASSWORD@HOST/DB")
-    return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=16)
+    try:
+        return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=16)
+    except ImportError as e:
+        raise RuntimeError("a PostgreSQL tenants database needs psycopg 3: pip install "
+                           "'yun[postgres]'") from e
 
 
 def _sqlite_engine(url: str) -> Engine:
