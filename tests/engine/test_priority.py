@@ -70,3 +70,38 @@ def test_running_requests_are_scheduled_highest_class_first_under_a_small_budget
     assert [x.request.request_id for x in out.scheduled] == ["low", "high"]
     out = step(s)  # now both run: high is served first and takes the whole budget
     assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("high", 4)]
+
+
+def test_a_higher_class_takes_the_slot_of_the_lowest_running_request():
+    s = make(max_seqs=2)
+    b1, b2 = req("b1", 3, max_tokens=20, priority=0), req("b2", 3, max_tokens=20, priority=0)
+    s.add_request(b1)
+    s.add_request(b2)
+    step(s)
+    step(s)
+    inter = req("i", 3, priority=1)
+    s.add_request(inter)
+    out = step(s)  # both slots were taken: the newest batch request makes room
+    assert out.preempted == [b2] and b2.status == RequestStatus.PREEMPTED
+    assert "i" in [x.request.request_id for x in out.scheduled]
+    while not inter.is_finished:
+        step(s)
+    while not (b1.is_finished and b2.is_finished):
+        step(s)
+    assert len(b2.output_token_ids) == 20 and s.kv.num_free_blocks == 64
+
+
+def test_an_aged_running_request_is_not_preempted_by_a_fresh_higher_class():
+    s = make(max_seqs=1)
+    now = [1000.0]
+    s.clock = lambda: now[0]
+    old = req("old", 3, max_tokens=20, priority=0)
+    old.arrival_time = 1000.0
+    s.add_request(old)
+    step(s)
+    now[0] += s.config.priority_aging_s  # "old" has aged one level: it ties with "i"
+    inter = req("i", 3, priority=1)
+    inter.arrival_time = now[0]
+    s.add_request(inter)
+    out = step(s)
+    assert not out.preempted and [x.request.request_id for x in out.scheduled] == ["old"]

@@ -112,7 +112,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        priority.order_running(self.running, self.clock(), self.config.priority_aging_s)
+        now = self.clock()
+        priority.order_running(self.running, now, self.config.priority_aging_s)
+        made_room = self._make_room(out, now)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -130,9 +132,25 @@ class Scheduler:
                 out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens))
                 budget -= n
                 i += 1
-        if not out.preempted:
+        if len(out.preempted) == made_room:  # no KV pressure this step
             self._admit(out, budget)
         return out
+
+    def _make_room(self, out: SchedulerOutput, now: float) -> int:
+        """When every slot is taken, preempt the lowest-ranked running requests for
+        waiting ones of a strictly higher rank (yun/engine/priority.py). Returns how many."""
+        count, aging = 0, self.config.priority_aging_s
+        waiting = sorted(self.waiting, key=lambda r: -priority.rank(r, now, aging))
+        for best in waiting:
+            if len(self.running) < self.config.max_num_seqs or not self.running:
+                break
+            victim = self.running[-1]
+            if priority.rank(best, now, aging) <= priority.rank(victim, now, aging):
+                break
+            self._preempt(victim)
+            out.preempted.append(victim)
+            count += 1
+        return count
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         now = self.clock()
