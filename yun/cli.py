@@ -1,4 +1,4 @@
-"""`yun serve | generate | chat | bench | eval`: one entry point.
+"""`yun serve | generate | chat | bench | eval | admin`: one entry point.
 
 Engine flags are generated from `EngineConfig`'s fields (with their help text), so the
 CLI and the Python API never disagree about what can be set.
@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     from yun.eval.cli import add_eval_parser
 
     add_eval_parser(sub)
+    from yun.tenants.cli import add_admin_parser
+
+    add_admin_parser(sub)
     return parser
 
 

@@ -86,6 +86,9 @@ class SamplingParams:
     detokenize: bool = True
     guided: GuidedDecoding | None = None  # constrained decoding (JSON schema, regex, ...)
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, [-100, 100]
+    # Scheduling class: higher is admitted and scheduled first, preempted last (the server
+    # sets it from the tenant's class; yun/engine/priority.py ages it so none starves).
+    priority: int = 0
     # Filled by the engine from the model's generation config; not user-facing.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -137,6 +140,8 @@ class SamplingParams:
                 raise bad("logit_bias", "must map token ids (non-negative integers) to biases")
             if not (math.isfinite(bias) and -100.0 <= bias <= 100.0):
                 raise bad("logit_bias", "must map token ids to biases in [-100, 100]")
+        if not isinstance(self.priority, int):
+            raise bad("priority", "must be an integer")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and value < 0:

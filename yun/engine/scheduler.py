@@ -4,14 +4,18 @@ There is no prefill or decode phase, only tokens to compute. Each step the runni
 requests go first (oldest first), then waiting ones are admitted while the token
 budget, the sequence limit and the KV cache allow. When blocks run out, the most
 recently admitted request is preempted: its blocks are freed and it waits to be
-recomputed. This module imports no torch.
+recomputed. Priorities (yun/engine/priority.py) reorder both: the highest-ranked
+request is admitted and scheduled first, the lowest-ranked preempted first. This module
+imports no torch.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from yun.engine import priority
 from yun.engine.kv_cache import KVCacheManager
 from yun.engine.request import Request, RequestStatus
 from yun.outputs import PositionLogprobs
@@ -23,6 +27,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool = True
+    priority_aging_s: float = 30.0  # a waiting request gains one priority level per period
 
 
 @dataclass
@@ -69,6 +74,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.clock = time.monotonic  # for ageing priorities; tests may replace it
 
     # ---- request lifecycle -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -106,6 +112,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        now = self.clock()
+        priority.order_running(self.running, now, self.config.priority_aging_s)
+        made_room = self._make_room(out, now)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -123,13 +132,30 @@ class Scheduler:
                 out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens))
                 budget -= n
                 i += 1
-        if not out.preempted:
+        if len(out.preempted) == made_room:  # no KV pressure this step
             self._admit(out, budget)
         return out
 
+    def _make_room(self, out: SchedulerOutput, now: float) -> int:
+        """When every slot is taken, preempt the lowest-ranked running requests for
+        waiting ones of a strictly higher rank (yun/engine/priority.py). Returns how many."""
+        count, aging = 0, self.config.priority_aging_s
+        waiting = sorted(self.waiting, key=lambda r: -priority.rank(r, now, aging))
+        for best in waiting:
+            if len(self.running) < self.config.max_num_seqs or not self.running:
+                break
+            victim = self.running[-1]
+            if priority.rank(best, now, aging) <= priority.rank(victim, now, aging):
+                break
+            self._preempt(victim)
+            out.preempted.append(victim)
+            count += 1
+        return count
+
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        now = self.clock()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+            req = priority.next_waiting(self.waiting, now, self.config.priority_aging_s)
             hits = self.kv.find_cached_prefix(req)
             num_cached = len(hits) * self.kv.block_size
             n = req.num_tokens - num_cached
@@ -139,7 +165,7 @@ class Scheduler:
                 n = budget
             if not self.kv.allocate(req, n, hits):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
             self.kv.record_lookup(req.num_tokens, num_cached)
             req.num_computed_tokens = num_cached
             if req.num_preemptions == 0:

@@ -93,7 +93,9 @@ def serve(engine_config: "EngineConfig", settings: ServerSettings) -> None:
                 shown = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
             base = f"http://{shown}:{port}"
             print(f"yun: serving {name} at {base}/v1 (Ctrl-C to stop)", flush=True)
-            key = next(iter(settings.api_keys()), None)
+            # With tenants, keys are never printed: the line shows where one goes.
+            key = ("$YUN_API_KEY" if settings.multi_tenant
+                   else next(iter(settings.api_keys()), None))
             print(f"yun: try: {curl_example(base, name, key)}", flush=True)
 
         async def stop_requests() -> None:

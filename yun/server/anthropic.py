@@ -298,7 +298,7 @@ class AnthropicMessages:
                                            {"stop": "stop_sequences",
                                             "response_format": "output_config.format"})
         stops = list(req.stop_sequences or [])
-        slot = self.serving.admit(1)
+        slot = await self.serving.admit(raw, [prep.job], prep.job.request_id)
         if req.stream:
             return SSEResponse(self._stream(prep, stops, arrival, slot), on_close=slot.release)
         return await self.serving.respond(raw, slot, self._full(prep, stops, arrival))

@@ -32,6 +32,7 @@ from yun.server.settings import ServerSettings
 
 if TYPE_CHECKING:
     from yun.engine.async_engine import AsyncEngine
+    from yun.tenants.gate import TenantGate
 
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
 STATIC = Path(__file__).with_name("static")  # the chat page: index.html, app.js, style.css
@@ -70,10 +71,17 @@ def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
     embeddings = Embeddings(serving)
     created = int(time.time())
 
+    gate = _tenant_gate(settings, metrics)
+    serving.tenants = gate
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
-        yield
+        if gate is None:
+            yield
+            return
+        async with gate.running():
+            yield
 
     app = FastAPI(title="yun", version=yun.__version__, lifespan=lifespan,
                   summary="An OpenAI-compatible server for open-weight language models.")
@@ -160,15 +168,41 @@ def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
         async def index(request: Request) -> str:
             return _landing_page(name, str(request.base_url).rstrip("/"))
 
+    if gate is not None:
+        _add_tenant_routes(app, gate, settings)
     routes = {getattr(r, "path", "") for r in app.routes}
     app.add_middleware(JsonBodies)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ApiKeyAuth, api_keys=settings.api_keys(), protected=_needs_key)
+    if gate is None:
+        app.add_middleware(ApiKeyAuth, api_keys=settings.api_keys(), protected=_needs_key)
+    else:
+        from yun.server.tenancy import TenantAuth
+
+        app.add_middleware(TenantAuth, gate=gate, protected=_needs_key)
     app.add_middleware(RequestCounter, routes=routes,
                        count=lambda route, status: metrics.requests.labels(
                            route=route, status=str(status)).inc())
     app.add_middleware(RequestIds)
     return app
+
+
+def _tenant_gate(settings: ServerSettings, metrics: ServerMetrics) -> "TenantGate | None":
+    """The tenants layer, in multi-tenant mode (its database opened, schema created)."""
+    if not settings.multi_tenant:
+        return None
+    from yun.tenants.gate import TenantGate
+    from yun.tenants.store import TenantStore
+
+    return TenantGate(TenantStore(settings.database), metrics.registry,
+                      api_keys=settings.api_keys(), admin_key=settings.admin_key)
+
+
+def _add_tenant_routes(app: FastAPI, gate: "TenantGate", settings: ServerSettings) -> None:
+    from yun.server.tenancy import admin_router, usage_router
+
+    app.include_router(usage_router(gate))
+    if settings.admin_key is not None:
+        app.include_router(admin_router(gate))
 
 
 class _Revalidated(StaticFiles):

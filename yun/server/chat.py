@@ -43,7 +43,7 @@ class ChatCompletions:
         arrival = time.perf_counter()
         prep = await self.pipeline.prepare(req, new_id("chatcmpl"))
         job, plan, new_parser = prep.job, prep.plan, prep.new_parser
-        slot = self.serving.admit(1)
+        slot = await self.serving.admit(raw, [job], job.request_id)
         if req.stream:
             return SSEResponse(self._stream(req, job, arrival, slot, new_parser, plan),
                                on_close=slot.release)

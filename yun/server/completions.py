@@ -60,9 +60,10 @@ class Completions:
         if guided is not None:
             await s.check_guided(guided, guided_param)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        jobs = [Job(ids, text, params, rid if len(prompts) == 1 else f"{rid}-{i}")
+        jobs = [Job(ids, text, params, rid if len(prompts) == 1 else f"{rid}-{i}",
+                    bills_output=not _prompt_only(req))
                 for i, (text, ids) in enumerate(prompts)]
-        slot = s.admit(len(jobs))
+        slot = await s.admit(raw, jobs, rid)
         if req.stream:
             return SSEResponse(self._stream(req, rid, jobs, arrival, slot),
                                on_close=slot.release)

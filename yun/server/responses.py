@@ -322,7 +322,7 @@ class Responses:
         rid = new_id("resp", "_")
         prep = await self.pipeline.prepare(chat, rid, CHAT_NAMES)
         conversation = history + input_messages(req.input)
-        slot = self.serving.admit(1)
+        slot = await self.serving.admit(raw, [prep.job], prep.job.request_id)
         if req.stream:
             return SSEResponse(self._stream(req, prep, conversation, arrival, slot),
                                on_close=slot.release)

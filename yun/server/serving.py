@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable
 
 from fastapi import Request
@@ -28,6 +28,7 @@ from yun.server.streams import ClientGone, merge, unless_disconnected
 
 if TYPE_CHECKING:
     from yun.engine.async_engine import AsyncEngine
+    from yun.tenants.gate import TenantGate, UsageMeter
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Job:
     prompt_text: str | None
     params: SamplingParams
     request_id: str
+    bills_output: bool = True  # False when the output is not returned (echo, max_tokens 0)
+    meter: "UsageMeter | None" = None  # the tenant's usage record (set by admit)
 
 
 @dataclass
@@ -58,11 +61,14 @@ class Slot:
     owner: "OpenAIServing"
     size: int
     released: bool = False
+    meter: "UsageMeter | None" = None
 
     def release(self) -> None:
         if not self.released:
             self.released = True
             self.owner.in_flight -= self.size
+            if self.meter is not None:
+                self.meter.abandon()
 
 
 def new_id(prefix: str, sep: str = "-") -> str:
@@ -92,6 +98,7 @@ class OpenAIServing:
         self.vocab_size = engine.model_config.vocab_size
         self.in_flight = 0  # prompts admitted and not finished
         self.draining = False  # set when the server shuts down
+        self.tenants: "TenantGate | None" = None  # multi-tenant mode (yun/server/tenancy.py)
 
     # ---- checks ------------------------------------------------------------------------
     def check_model(self, model: str | None, task: str | None = None) -> None:
@@ -106,7 +113,31 @@ class OpenAIServing:
                     else "text generation; start it with --task embed for embeddings")
             raise bad_request(f"this model serves {what}", "model")
 
-    def admit(self, num_prompts: int) -> Slot:
+    async def admit(self, raw: Request, jobs: list[Job], request_id: str) -> Slot:
+        """Take a slot per job (429 when the queue is full); with tenants, also admit the
+        request against its tenant's limits (401 / 403 / 429), open its usage record and
+        give its jobs the tenant's priority."""
+        slot = self.take(len(jobs))
+        if self.tenants is None:
+            return slot
+        from yun.server.tenancy import admit, principal_of
+
+        room = self.engine.max_model_len
+        reserved = sum(len(j.prompt_ids) + j.params.n * (
+            j.params.max_tokens or room - len(j.prompt_ids)) for j in jobs)
+        try:
+            meter = await admit(self.tenants, raw, request_id, self.model_name, reserved,
+                                len(jobs))
+        except BaseException:
+            slot.release()
+            raise
+        priority = principal_of(raw).priority
+        for j in jobs:
+            j.meter, j.params = meter, replace(j.params, priority=priority)
+        slot.meter = meter
+        return slot
+
+    def take(self, num_prompts: int) -> Slot:
         """Take `num_prompts` slots; 429 when the queue is full, 503 when the engine is not
         running. Capacity: --max-num-seqs running plus --max-queue waiting."""
         if self.draining or not self.engine.is_alive:
@@ -161,6 +192,9 @@ class OpenAIServing:
         Closing it early aborts the request in the engine at once."""
         first_token: float | None = None
         last: RequestOutput | None = None
+        status = "cancelled"  # unless it ends or fails (below)
+        if job.meter is not None:
+            job.meter.job_started()
         try:
             stream = self.engine.generate(job.prompt_ids, job.params, job.request_id,
                                           job.prompt_text)
@@ -172,11 +206,15 @@ class OpenAIServing:
                     yield out
             finally:
                 await stream.aclose()
+            status = "completed" if last is not None and last.finished else "failed"
         except ValueError as e:
+            status = "failed"
             raise bad_request(str(e)) from e
         except APIError:
+            status = "failed"
             raise
         except Exception as e:
+            status = "failed"
             if self.draining:
                 raise APIError(503, "the server is shutting down") from e
             if not self.engine.is_alive or isinstance(e, EngineDeadError):
@@ -184,6 +222,24 @@ class OpenAIServing:
             raise
         finally:
             self._record(last, job, arrival, first_token)
+            if job.meter is not None:
+                self._meter(job, last, status, None if first_token is None
+                            else first_token - arrival)
+        if job.meter is not None:  # the usage record is written before the final response
+            try:
+                await job.meter.written()
+            except Exception as e:
+                raise APIError(503, "the usage record could not be written; the request "
+                               "is not billed") from e
+
+    @staticmethod
+    def _meter(job: Job, last: RequestOutput | None, status: str, ttft: float | None) -> None:
+        completion = 0
+        if last is not None and job.bills_output:
+            completion = sum(len(c.token_ids) for c in last.outputs)
+        cached = last.num_cached_tokens if last is not None else 0
+        job.meter.job_ended(status, len(job.prompt_ids) if last is not None else 0,  # type: ignore[union-attr]
+                            cached, completion, ttft)
 
     def _record(self, last: RequestOutput | None, job: Job, arrival: float,
                 first_token: float | None) -> None:

@@ -32,6 +32,19 @@ class ServerSettings:
     api_key_file: str | None = _opt(
         None, "Also accept the keys listed in this file, one per line (blank lines and "
         "lines starting with # are skipped); read once at start-up.")
+    tenants: bool = _opt(
+        False, "Serve many tenants: every API request needs a tenant's key (created with "
+        "`yun admin keys create`), is admitted against its tenant's and key's limits, and "
+        "leaves a usage record in the tenants database. Implied by --database and "
+        "--admin-key.")
+    database: str | None = _opt(
+        None, "The tenants database: postgresql://USER:PASSWORD@HOST/DB (psycopg) to share "
+        "tenants, limits and usage between servers, or sqlite:///PATH. Default: "
+        "tenants.db under the data folder ($YUN_DATA_DIR, else $XDG_DATA_HOME/yun, else "
+        "~/.local/share/yun).")
+    admin_key: str | None = _opt(
+        None, "Serve the admin API (/admin/tenants, /admin/keys, /admin/usage) to "
+        "`Authorization: Bearer ADMIN_KEY` (at least 16 characters). Default: no admin API.")
     served_model_name: str | None = _opt(
         None, "The model name clients send and see in /v1/models. Default: the MODEL "
         "argument as given, or SmolLM2-135M-Instruct for the default model.")
@@ -97,6 +110,14 @@ class ServerSettings:
         keys = (self.api_key,) if isinstance(self.api_key, str) else (self.api_key or ())
         if any(not k.strip() for k in keys):
             raise ValueError("api_key must not be empty (leave it unset for no key)")
+        if self.admin_key is not None and len(self.admin_key.strip()) < 16:
+            raise ValueError("admin_key must have at least 16 characters")
+        if self.admin_key is not None and self.admin_key in keys:
+            raise ValueError("admin_key must differ from api_key")
+
+    @property
+    def multi_tenant(self) -> bool:
+        return self.tenants or self.database is not None or self.admin_key is not None
 
     def api_keys(self) -> tuple[str, ...]:
         """Every accepted key: --api-key's and the lines of --api-key-file (read now)."""
