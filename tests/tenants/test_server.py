@@ -226,3 +226,35 @@ def test_api_key_shortcut_is_the_default_tenant(db_url, make_tenant_server):
         usage = http.get("/v1/usage").json()
     assert usage["tenant"] == "default"
     assert usage["data"][0]["total_tokens"] == r.json()["usage"]["total_tokens"]
+
+
+def test_anthropic_and_responses_requests_are_admitted_and_metered_per_tenant(db_url,
+                                                                               make_tenant_server):
+    """The agent APIs go through the same gate as chat: a tenant key as `x-api-key`
+    (Anthropic clients) or Bearer, a usage record per request with the usage the client
+    saw, and a bad key refused in the API's own error shape."""
+    import anthropic
+    import openai
+
+    ts = make_tenant_server(db_url, api_key=("shortcut-key-0001",))
+    ts.tenant("agents")
+    key = ts.key("agents")
+    claude = anthropic.Anthropic(base_url=ts.url, api_key=key, max_retries=0)
+    msg = claude.messages.create(model=MODEL, max_tokens=3,
+                                 messages=[{"role": "user", "content": "Hi"}])
+    oai = openai.OpenAI(base_url=ts.url + "/v1", api_key=key, max_retries=0)
+    resp = oai.responses.create(model=MODEL, input="Hi", max_output_tokens=3)
+    records = ts.records("agents")
+    assert len(records) == 2 and all(r["status"] == "completed" for r in records)
+    assert sorted(r["completion_tokens"] for r in records) == sorted(
+        [msg.usage.output_tokens, resp.usage.output_tokens])
+    with pytest.raises(anthropic.AuthenticationError) as bad:
+        anthropic.Anthropic(base_url=ts.url, api_key="yun-not-a-key",
+                            max_retries=0).messages.create(
+            model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    assert bad.value.body["type"] == "error"  # Anthropic's shape, not OpenAI's
+    # --api-key (repeatable) keys are tenant `default`'s
+    ok = httpx.post(ts.url + "/v1/chat/completions", json=BODY,
+                    headers={"x-api-key": "shortcut-key-0001"}, timeout=60)
+    assert ok.status_code == 200, ok.text
+    assert len(ts.records("default")) == 1
