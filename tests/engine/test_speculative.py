@@ -274,3 +274,63 @@ def test_grammar_masks_apply_at_every_verified_position(qwen2_path, plain):
     import re
     for o in got:
         assert re.fullmatch(r"(ab|cd|ef){3,12}", o.outputs[0].text), o.outputs[0].text
+
+
+# ---- rejection sampling, statistically ----------------------------------------------------
+def _verify_many(p_rows: list[list[float]], draft: list[int], trials: int) -> list[list[int]]:
+    """Run the verification of `draft` against fixed target distributions (row j = the
+    target at position j) for `trials` differently seeded requests."""
+    from yun.engine.sampler import Sampler, SamplingRow
+    from yun.engine.spec.verify import seed_for_position
+
+    params = SamplingParams(temperature=1.0)
+    logits = torch.tensor(p_rows).log()  # [k+1, V]
+    rows, idx = [], []
+    for t in range(trials):
+        for j in range(len(p_rows)):
+            g = torch.Generator().manual_seed(seed_for_position(1000 + t, j))
+            rows.append(SamplingRow(params, g, [1], list(draft[:j])))
+    sampled, _ = Sampler()(logits.repeat(trials, 1), rows)
+    k1 = len(p_rows)
+    return [accepted_prefix(draft, sampled[t * k1:(t + 1) * k1]) for t in range(trials)]
+
+
+def test_rejection_sampling_keeps_the_target_distribution():
+    from scipy.stats import chisquare
+
+    p0 = [0.05, 0.4, 0.25, 0.1, 0.2]  # target at the first position; the draft proposes 3
+    p1 = [0.3, 0.1, 0.1, 0.2, 0.3]  # target at the second position; the draft proposes 0
+    trials = 4000
+    outs = _verify_many([p0, p1, [0.2] * 5], [3, 0], trials)
+    first = np.bincount([o[0] for o in outs], minlength=5)
+    assert chisquare(first, np.array(p0) * trials).pvalue > 1e-3
+    accepted = sum(o[0] == 3 for o in outs)  # accepted with probability p0[3] = min(1, p/q)
+    assert abs(accepted / trials - p0[3]) < 4 * (p0[3] * (1 - p0[3]) / trials) ** 0.5
+    # A rejected draft: the token is drawn from the residual, p0 without token 3.
+    rejected = np.bincount([o[0] for o in outs if o[0] != 3], minlength=5)
+    residual = np.array(p0) * (np.arange(5) != 3)
+    residual = residual / residual.sum() * rejected.sum()
+    keep = residual > 0
+    assert chisquare(rejected[keep], residual[keep]).pvalue > 1e-3
+    # After an accepted first draft, the second token follows p1 (whether it is 0 or not).
+    second = np.bincount([o[1] for o in outs if len(o) > 1], minlength=5)
+    assert chisquare(second, np.array(p1) * second.sum()).pvalue > 1e-3
+    assert all(len(o) == 3 for o in outs if o[:2] == [3, 0])  # both accepted: a bonus token
+
+
+def test_metrics_report_acceptance_per_position():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from yun.engine.async_engine import EngineStats
+    from yun.server.metrics import _SpecCollector
+
+    registry = CollectorRegistry()
+    registry.register(_SpecCollector(EngineStats(spec_proposed=[10, 8], spec_accepted=[6, 2])))
+    text = generate_latest(registry).decode()
+    assert "yun_spec_decode_num_draft_tokens_total 18.0" in text
+    assert "yun_spec_decode_num_accepted_tokens_total 8.0" in text
+    assert 'yun_spec_decode_acceptance_rate_per_pos{position="0"} 0.6' in text
+    assert 'yun_spec_decode_acceptance_rate_per_pos{position="1"} 0.25' in text
+    empty = CollectorRegistry()
+    empty.register(_SpecCollector(EngineStats()))
+    assert "yun_spec" not in generate_latest(empty).decode()  # speculation off: no series
