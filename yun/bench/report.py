@@ -62,7 +62,8 @@ def format_table(results: list[RunResult]) -> str:
 def _spec_note(r: RunResult) -> str:
     spec = r.extra.get("speculative")
     if spec is None:
-        return ""
+        sha = r.extra.get("output_sha256")
+        return f"{r.system}: outputs {sha}" if sha else ""
     by_pos = " ".join(f"{x:.2f}" for x in spec["acceptance_by_position"])
     return (f"{r.system}: {spec['accepted']}/{spec['proposed']} proposed tokens accepted "
             f"({spec['acceptance_rate']:.1%}); by position: {by_pos or '-'}; outputs "
