@@ -14,6 +14,7 @@ from typing import Any
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 KERNEL_ISAS = ("auto", "avx512", "avx2")  # yun.kernels.ISAS, and auto
+SPECULATIVE_METHODS = ("ngram", "draft", "mtp")
 
 
 TASKS = ("auto", "generate", "embed")
@@ -90,6 +91,16 @@ class EngineConfig:
         "CPU, NCCL on CUDA (one GPU per rank). yun starts the ranks on this machine, or "
         "joins ranks that torchrun started (its RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). "
         "On CPU the cores are shared out between the ranks; --kv-cache-memory is per rank.")
+    speculative_method: str | None = _opt(
+        None, "Speculative decoding: propose tokens cheaply and verify them all in one "
+        "forward pass (greedy output unchanged; sampled output keeps its distribution and "
+        "seeds). ngram: prompt lookup, the continuation of the last 2-4 tokens' latest "
+        "earlier occurrence in the prompt or output (pays when the output copies the "
+        "input). draft and mtp are not implemented yet. The number of proposals adapts to "
+        "the measured acceptance and step cost, down to none (e.g. at large batches). "
+        "Default: off.", choices=SPECULATIVE_METHODS)
+    num_speculative_tokens: int = _opt(
+        5, "With --speculative-method: most tokens proposed per sequence and step.")
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -112,6 +123,16 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.speculative_method is not None and \
+                self.speculative_method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be one of {SPECULATIVE_METHODS}, "
+                             f"got {self.speculative_method!r}")
+        if self.speculative_method in ("draft", "mtp"):
+            raise ValueError(f"speculative_method={self.speculative_method!r} is not "
+                             "implemented yet; use 'ngram'")
+        if self.num_speculative_tokens <= 0:
+            raise ValueError(f"num_speculative_tokens must be positive, "
+                             f"got {self.num_speculative_tokens}")
         if self.tensor_parallel_size <= 0:
             raise ValueError(
                 f"tensor_parallel_size must be positive, got {self.tensor_parallel_size}")

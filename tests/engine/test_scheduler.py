@@ -22,7 +22,7 @@ def req(rid: str, n_prompt: int, max_tokens: int = 8, **params) -> Request:
 
 def step(s: Scheduler, token_for=lambda r: 1):
     out = s.schedule()
-    result = RunnerOutput(sampled={x.request.request_id: token_for(x.request)
+    result = RunnerOutput(sampled={x.request.request_id: [token_for(x.request)]
                                    for x in out.scheduled if x.samples})
     s.update(out, result)
     return out

@@ -23,7 +23,9 @@ DEFAULT_OUTPUT_DIR = "bench-results"
 WORKLOAD_HELP = ("single: 1 request, prompt 128, 256 new tokens. mixed: 64 requests, "
                  "prompts uniform 32-512, outputs uniform 32-256. shared-prefix: 64 requests "
                  "sharing a 1,024-token system prompt + a 64-token question, 64 new tokens. "
-                 "sweep: mixed-like requests at concurrency 1, 2, 4, ..., 64.")
+                 "sweep: mixed-like requests at concurrency 1, 2, 4, ..., 64. edit: 1 chat "
+                 "request asking for a ~300-token document back with one word replaced, 256 "
+                 "new tokens (real text; the case for n-gram speculation).")
 
 
 # ---- shared flags --------------------------------------------------------------------------
@@ -89,11 +91,11 @@ def _add_roofline_flags(p: argparse.ArgumentParser, enabled_by_default: bool,
                    help="Timed repeats of each probe; the best counts (default: %(default)s).")
 
 
-def _workload(args: argparse.Namespace, vocab_size: int) -> Workload:
+def _workload(args: argparse.Namespace, vocab_size: int, tokenizer=None) -> Workload:
     return make_workload(args.workload, WorkloadOptions(
         num_requests=args.num_requests, scale=args.scale, seed=args.workload_seed,
         num_prefixes=args.num_prefixes, concurrency_levels=args.concurrency_levels,
-        vocab_size=vocab_size))
+        vocab_size=vocab_size), tokenizer)
 
 
 def _roofline(path: str, args: argparse.Namespace, dtype: str, threads: int | None,
@@ -118,7 +120,12 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     if args.model is None:  # benchmarks default to the 0.5B-shaped random checkpoint
         args.model = DEMO_RANDOM
     path = resolve_model(args.model)
-    workload = _workload(args, ModelConfig.load(path).vocab_size)
+    tokenizer = None
+    if args.workload == "edit":  # real text, in the model's chat template
+        from yun.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(path)
+    workload = _workload(args, ModelConfig.load(path).vocab_size, tokenizer)
     config = engine_config_from(args)
     widest = max(c or 0 for c, _ in workload.phases())
     if widest > config.max_num_seqs:
@@ -136,13 +143,22 @@ def _run_yun_offline(config, workload: Workload, args: argparse.Namespace) -> li
     from yun.bench.offline import SamplingOptions, run_yun
     from yun.llm import LLM
 
-    llm = LLM(**asdict(config))
-    try:
-        return run_yun(llm, workload, SamplingOptions(args.temperature, args.sampling_seed),
-                       progress=args.progress)
-    finally:
-        del llm
-        gc.collect()
+    from dataclasses import replace
+
+    configs = [config]
+    if getattr(args, "speculation_off_too", False) and config.speculative_method:
+        configs.insert(0, replace(config, speculative_method=None))
+    results: list[RunResult] = []
+    for cfg in configs:
+        llm = LLM(**asdict(cfg))
+        try:
+            results += run_yun(llm, workload, SamplingOptions(args.temperature,
+                                                              args.sampling_seed),
+                               progress=args.progress)
+        finally:
+            del llm
+            gc.collect()
+    return results
 
 
 def _run_peers(path: str, workload: Workload, args: argparse.Namespace, config,
@@ -356,6 +372,10 @@ def _add_throughput_parser(sub: argparse._SubParsersAction) -> None:
                    help="llama-server -t (default: yun's thread count).")
     g.add_argument("--llama-log", default=None, metavar="PATH",
                    help="Write llama-server's output here (default: discarded).")
+    g.add_argument("--speculation-off-too", action="store_true",
+                   help="With --speculative-method: run yun with speculation off first, on "
+                        "the same workload, so the report has both (speed and an output "
+                        "fingerprint: equal fingerprints, identical tokens).")
     _add_roofline_flags(p, enabled_by_default=True)
     _add_output_flags(p)
     add_dataclass_flags(p.add_argument_group("engine"), EngineConfig)

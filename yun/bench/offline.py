@@ -9,6 +9,7 @@ TTFT comes from the outputs' metrics (`arrival_time`, `first_token_time`, monoto
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ def run_phase(engine, requests: list[BenchRequest], concurrency: int | None,
     from tqdm.auto import tqdm
 
     records = [RequestRecord(prompt_tokens=r.num_prompt_tokens) for r in requests]
+    outputs: list[list[int]] = [[] for _ in requests]
     queue = deque(range(len(requests)))
     live: dict[str, _Live] = {}
     limit = concurrency or len(requests)
@@ -90,13 +92,17 @@ def run_phase(engine, requests: list[BenchRequest], concurrency: int | None,
             n = len(out.outputs[0].token_ids)
             item.token_times.extend([now] * (n - len(item.token_times)))
             if out.finished:
+                outputs[int(out.request_id.split("-")[1])] = list(out.outputs[0].token_ids)
                 _finish(item, out, now)
                 del live[out.request_id]
                 bar.update(1)
         submit()
     bar.close()
-    return RunResult(system=system, workload=workload, duration=time.monotonic() - t0,
-                     records=records, concurrency=concurrency)
+    result = RunResult(system=system, workload=workload, duration=time.monotonic() - t0,
+                       records=records, concurrency=concurrency)
+    # The outputs' fingerprint: two runs with the same one produced the same tokens.
+    result.extra["output_sha256"] = hashlib.sha256(repr(outputs).encode()).hexdigest()[:16]
+    return result
 
 
 def _finish(item: _Live, out, now: float) -> None:
@@ -118,10 +124,36 @@ def run_yun(llm, workload: Workload, sampling: SamplingOptions,
     """Every phase of `workload` on `llm` (a `yun.LLM`), after one warm-up request."""
     warm_up(llm.engine)
     results = []
+    spec = llm.engine.speculator
+    system = "yun" if spec is None else f"yun ({llm.config.speculative_method} speculation)"
     for concurrency, requests in workload.phases():
-        res = run_phase(llm.engine, requests, concurrency, sampling, "yun", workload.name,
+        before = spec_counts(llm.engine)
+        res = run_phase(llm.engine, requests, concurrency, sampling, system, workload.name,
                         progress)
-        if workload.name == "single":
+        if workload.name in ("single", "edit"):
             res.extra["decode_tokens_per_s"] = decode_tokens_per_s(res)
+        if spec is not None:
+            res.extra["speculative"] = spec_summary(before, spec_counts(llm.engine))
         results.append(res)
     return results
+
+
+def spec_counts(engine) -> tuple[int, list[int], list[int]]:
+    """(verification steps, proposed and accepted tokens per position) so far."""
+    if engine.speculator is None:
+        return 0, [], []
+    s = engine.speculator.stats
+    return s.num_steps, list(s.proposed), list(s.accepted)
+
+
+def spec_summary(before, after) -> dict:
+    """Speculative decoding during a phase: tokens proposed and accepted, per position."""
+    n = len(after[1])
+    pad = lambda xs: xs + [0] * (n - len(xs))  # noqa: E731
+    proposed = [a - b for a, b in zip(after[1], pad(before[1]))]
+    accepted = [a - b for a, b in zip(after[2], pad(before[2]))]
+    return {"proposed": sum(proposed), "accepted": sum(accepted),
+            "acceptance_rate": sum(accepted) / sum(proposed) if sum(proposed) else 0.0,
+            "acceptance_by_position": [round(a / p, 3) if p else 0.0
+                                       for a, p in zip(accepted, proposed)],
+            "proposed_by_position": proposed}

@@ -55,8 +55,19 @@ def format_table(results: list[RunResult]) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
-    notes = [_decode_note(r) for r in results]
+    notes = [_decode_note(r) for r in results] + [_spec_note(r) for r in results]
     return "\n".join(lines + [n for n in notes if n])
+
+
+def _spec_note(r: RunResult) -> str:
+    spec = r.extra.get("speculative")
+    if spec is None:
+        sha = r.extra.get("output_sha256")
+        return f"{r.system}: outputs {sha}" if sha else ""
+    by_pos = " ".join(f"{x:.2f}" for x in spec["acceptance_by_position"])
+    return (f"{r.system}: {spec['accepted']}/{spec['proposed']} proposed tokens accepted "
+            f"({spec['acceptance_rate']:.1%}); by position: {by_pos or '-'}; outputs "
+            f"{r.extra.get('output_sha256', '?')}")
 
 
 def _load(r: RunResult) -> str:

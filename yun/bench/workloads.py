@@ -9,14 +9,19 @@ The same (name, options) always gives the same requests.
     shared-prefix   64 requests: one 1,024-token system prompt (or --num-prefixes distinct
                     ones, assigned round-robin) + a 64-token unique question; 64 new tokens
     sweep           mixed-like requests run at concurrency 1, 2, 4, ..., 64
+    edit            1 request (batch 1): a chat asking for a document of a few hundred
+                    tokens back with one word replaced; 256 new tokens. Real text in the
+                    model's chat template, so it needs the model's tokenizer (the output
+                    copies the input: the case for n-gram speculative decoding)
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
-WORKLOADS = ("single", "mixed", "shared-prefix", "sweep")
+WORKLOADS = ("single", "mixed", "shared-prefix", "sweep", "edit")
 ORDINARY_VOCAB = 151643  # Qwen2: ids below this are ordinary tokens, above are special
 DEFAULT_SWEEP = (1, 2, 4, 8, 16, 32, 64)
 
@@ -171,12 +176,62 @@ def _sweep(o: WorkloadOptions, d: _Draw) -> Workload:
                     [r for rs in levels.values() for r in rs], levels)
 
 
+# The edit workload's document: sentences drawn (seeded) from this pool, in order.
+_EDIT_SENTENCES = (
+    "The engine keeps one queue of requests and runs them in steps.",
+    "Each step, the scheduler picks the requests that compute tokens and how many.",
+    "A long prompt is split into chunks, so that short requests keep flowing.",
+    "The key and value vectors of every token are stored in blocks of sixteen.",
+    "When the cache is full, the newest request is paused and its blocks are freed.",
+    "It is computed again later, from its prompt and the tokens it already has.",
+    "Blocks are named by the tokens they hold, so a shared prefix is computed once.",
+    "The model runner turns the batch into flat tensors and runs the model once.",
+    "Logits become tokens in the sampler, with penalties, filters and a seed per request.",
+    "Stop strings are matched on the text, across token boundaries.",
+    "The server streams each new piece of text as soon as it is decoded.",
+    "Every request may ask for the log probabilities of its tokens.",
+    "A grammar can constrain the output to valid JSON of a given schema.",
+    "Quantized weights stay quantized in memory and are read by native kernels.",
+    "On a CPU, decoding one token reads every weight of the model once.",
+    "The benchmark reports time to first token, time per token and throughput.",
+    "Tests drive the scheduler with hand-made outputs, without any model.",
+    "The configuration is a frozen dataclass, and the flags come from its fields.",
+    "A request that is cancelled frees its blocks at once.",
+    "The same seed gives the same tokens, whatever else shares the batch.",
+)
+_EDIT_SWAPS = (("request", "job"), ("tokens", "pieces"), ("blocks", "pages"),
+               ("model", "network"), ("step", "round"))
+
+
+def _edit(o: WorkloadOptions, d: _Draw, tokenizer: Any) -> Workload:
+    if tokenizer is None:
+        raise ValueError("the edit workload is real text: it needs the model's tokenizer")
+    n = o.num_requests or 1
+    out = _scaled(256, o.scale)
+    reqs = []
+    for _ in range(n):
+        order = sorted(d.rng.sample(range(len(_EDIT_SENTENCES)), 14))
+        doc = " ".join(_EDIT_SENTENCES[i] for i in order)
+        old, new = _EDIT_SWAPS[d.rng.randrange(len(_EDIT_SWAPS))]
+        ask = (f"Rewrite the following text, word for word, but replace the word '{old}' "
+               f"with '{new}' everywhere. Output only the rewritten text.\n\n{doc}")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": ask}])
+        reqs.append(BenchRequest(tokenizer.encode(text, add_special_tokens=False), out))
+    p = sum(r.num_prompt_tokens for r in reqs) // n
+    return Workload("edit", f"{n} request(s): rewrite a document with one word replaced "
+                    f"(chat prompt of ~{p} tokens), {out} new tokens", reqs)
+
+
 _BUILDERS = {"single": _single, "mixed": _mixed, "shared-prefix": _shared_prefix,
              "sweep": _sweep}
 
 
-def make_workload(name: str, options: WorkloadOptions = WorkloadOptions()) -> Workload:
-    """The named workload; deterministic for a given (name, options)."""
+def make_workload(name: str, options: WorkloadOptions = WorkloadOptions(),
+                  tokenizer: Any = None) -> Workload:
+    """The named workload; deterministic for a given (name, options) (and tokenizer, for
+    the text workloads)."""
+    if name == "edit":
+        return _edit(options, _Draw(options.seed, options.vocab_size), tokenizer)
     if name not in _BUILDERS:
         raise ValueError(f"unknown workload {name!r}; choose one of {', '.join(WORKLOADS)}")
     return _BUILDERS[name](options, _Draw(options.seed, options.vocab_size))

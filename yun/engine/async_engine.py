@@ -12,7 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from yun.config import EngineConfig
@@ -36,6 +36,9 @@ class EngineStats:
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
     steps: int = 0
+    # Speculative decoding, per proposal position (0 = first): tokens proposed, accepted.
+    spec_proposed: list[int] = field(default_factory=list)
+    spec_accepted: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -284,6 +287,9 @@ class AsyncEngine:
         s.kv_usage, s.num_free_blocks, s.num_blocks = kv.usage, kv.num_free_blocks, kv.num_blocks
         s.prefix_cache_queries, s.prefix_cache_hits = kv.prefix_queries, kv.prefix_hits
         s.num_preemptions = eng.scheduler.num_preemptions
+        if eng.speculator is not None:
+            spec = eng.speculator.stats
+            s.spec_proposed, s.spec_accepted = list(spec.proposed), list(spec.accepted)
 
     def _dead_message(self) -> str:
         if self._error is not None:

@@ -20,6 +20,8 @@ from yun.engine.request import Request, RequestStatus
 from yun.engine.runner import ModelRunner
 from yun.engine.pooling import has_sentence_transformers_config, load_pooling
 from yun.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
+from yun.engine.spec.ngram import NgramProposer
+from yun.engine.spec.speculator import Speculator
 from yun.model_source import resolve_model
 from yun.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from yun.sampling_params import SamplingParams
@@ -34,6 +36,7 @@ class _Child:
     request: Request
     detok: IncrementalDetokenizer
     finish_reason: str | None = None
+    num_detokenized: int = 0  # output tokens already given to the detokenizer
 
 
 @dataclass
@@ -95,6 +98,7 @@ class LLMEngine:
         self.pooling = load_pooling(path, self.runner.is_encoder) if self.task == "embed" else None
         if self.pooling is not None and self.pooling.max_seq_length:  # as sentence-transformers
             self.max_model_len = min(self.max_model_len, self.pooling.max_seq_length)
+        self.speculator = self._make_speculator(config)
 
     def _resolve_task(self, task: str, path: str) -> str:
         task = self._detect_task(task, path)
@@ -112,6 +116,12 @@ class LLMEngine:
         if task == "auto":
             return "embed" if has_sentence_transformers_config(path) else "generate"
         return task
+
+    @staticmethod
+    def _make_speculator(config: EngineConfig) -> Speculator | None:
+        if config.speculative_method is None:
+            return None
+        return Speculator(NgramProposer(), config.num_speculative_tokens)
 
     def _resolve_max_len(self, wanted: int | None, capacity: int) -> int:
         limit = self.model_config.max_context_len
@@ -188,6 +198,8 @@ class LLMEngine:
 
     def _forget(self, child_id: str) -> None:
         self.runner.release(child_id)
+        if self.speculator is not None:
+            self.speculator.release(child_id)
         self._child_to_parent.pop(child_id, None)
 
     def check_health(self) -> None:
@@ -243,10 +255,15 @@ class LLMEngine:
     # ---- the loop body -----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns outputs of the requests that changed."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        t0 = time.perf_counter()
         result = self.runner.execute(sched)
+        if self.speculator is not None:
+            self.speculator.observe(sched, result, time.perf_counter() - t0)
         changed = self.scheduler.update(sched, result)
         touched: dict[str, _Parent] = {}
         now = time.monotonic()
@@ -258,7 +275,7 @@ class LLMEngine:
             child = next(c for c in parent.children if c.request is req)
             if req.first_token_time is None:
                 req.first_token_time = now
-            stop = child.detok.update([req.output_token_ids[-1]])
+            stop = self._detokenize(child)
             if stop is not None:  # a stop string wins over length on the same token
                 req.stop_reason = stop
                 if req.is_finished:
@@ -274,6 +291,20 @@ class LLMEngine:
             if p.finished:
                 self._parents.pop(p.request_id, None)
         return outputs
+
+    @staticmethod
+    def _detokenize(child: _Child) -> str | None:
+        """Feed the child's new tokens to its detokenizer one by one; at a stop string,
+        drop the tokens after it (a speculative step can commit several)."""
+        req = child.request
+        while child.num_detokenized < req.num_output_tokens:
+            child.num_detokenized += 1
+            stop = child.detok.update([req.output_token_ids[child.num_detokenized - 1]])
+            if stop is not None:
+                del req.output_token_ids[child.num_detokenized:]
+                del req.logprobs[child.num_detokenized:]
+                return stop
+        return None
 
     def _make_output(self, parent: _Parent) -> RequestOutput:
         outs = []

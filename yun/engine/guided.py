@@ -89,6 +89,38 @@ class GrammarState:
         self.active = tuple(self._recent) == self.start_after
 
 
+    def masks_along(self, draft: Sequence[int], vocab_size: int) -> torch.Tensor:
+        """Bitmasks [len(draft) + 1, ceil(V / 32)] int32: row j is the grammar's mask after
+        the tokens draft[:j] (speculative decoding verifies every row at once). The state
+        is the same afterwards. Rows past a draft token the grammar refuses, or past its
+        end, allow everything: verification never reaches them."""
+        import xgrammar as xgr
+
+        masks = xgr.allocate_token_bitmask(len(draft) + 1, vocab_size)  # all allowed
+        saved = (self.active, list(self._recent))
+        advanced = 0
+        try:
+            for j in range(len(draft) + 1):
+                if self.active:
+                    if self.matcher.is_terminated():
+                        break
+                    self.matcher.fill_next_token_bitmask(masks, j)
+                if j == len(draft):
+                    break
+                if self.active:
+                    if not self.matcher.accept_token(draft[j]):
+                        break
+                    advanced += 1
+                else:
+                    self._recent = (self._recent + [draft[j]])[-len(self.start_after):]
+                    self.active = tuple(self._recent) == self.start_after
+        finally:
+            if advanced:
+                self.matcher.rollback(advanced)
+            self.active, self._recent = saved
+        return masks
+
+
 class GuidedDecoder:
     """Compiles grammar specs for one tokenizer (thread-safe: the server precompiles in a
     worker thread, the engine loop then finds the grammar cached)."""
@@ -197,16 +229,21 @@ def apply_grammar_masks(logits: torch.Tensor, rows: Sequence[GuidedRow]) -> None
     """
     import xgrammar as xgr
 
-    idx = [i for i, r in enumerate(rows) if r.grammar is not None and r.grammar.active]
+    ahead = [i for i, r in enumerate(rows) if r.grammar_mask is not None]
+    fill = [i for i, r in enumerate(rows) if r.grammar is not None and r.grammar.active
+            and r.grammar_mask is None]
+    idx = sorted(ahead + fill)
     if not idx:
         return
     B, V = logits.shape
     bitmask = xgr.allocate_token_bitmask(B, V)  # [B, ceil(V / 32)] int32, all allowed
-    if len(idx) == 1:
-        rows[idx[0]].grammar.matcher.fill_next_token_bitmask(bitmask, idx[0])
-    else:  # xgrammar fills the rows in parallel threads, without the GIL
+    for i in ahead:  # speculative rows: masks filled along the proposals
+        bitmask[i] = rows[i].grammar_mask
+    if len(fill) == 1:
+        rows[fill[0]].grammar.matcher.fill_next_token_bitmask(bitmask, fill[0])
+    elif fill:  # xgrammar fills the rows in parallel threads, without the GIL
         _batch_matcher().batch_fill_next_token_bitmask(
-            [rows[i].grammar.matcher for i in idx], bitmask, indices=idx)
+            [rows[i].grammar.matcher for i in fill], bitmask, indices=fill)
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
         _apply_on_cpu(logits, bitmask, idx)
     else:

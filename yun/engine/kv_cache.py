@@ -153,6 +153,18 @@ class KVCacheManager:
                 self.cached[h] = block
                 self.block_hash[block] = h
 
+    def free_tail(self, req: Request) -> None:
+        """Give back the request's blocks past its computed tokens and the next one
+        (rejected speculative tokens held them); they are uncached, so reused first."""
+        keep = self.blocks_needed(req.num_computed_tokens + 1)
+        while len(req.block_ids) > keep:
+            b = req.block_ids.pop()
+            self.ref_counts[b] -= 1
+            if self.ref_counts[b] == 0:
+                self._evict(b)
+                self.free[b] = None
+                self.free.move_to_end(b, last=False)
+
     def free_request(self, req: Request) -> None:
         """Release the request's blocks; its last blocks are evicted first."""
         for b in reversed(req.block_ids):

@@ -54,6 +54,9 @@ class Request:
     first_token_time: float | None = None
     # Guided decoding: the grammar's state, advanced by the scheduler with each new token.
     grammar: "GrammarState | None" = None
+    # Speculative decoding: tokens proposed for the next step (set by the engine's
+    # proposer, trimmed and verified by the scheduler and runner, then cleared).
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -19,6 +19,7 @@ from yun.engine.device import default_kv_cache_bytes, default_threads, resolve_d
 from yun.engine.request import Request
 from yun.engine.sampler import Sampler, SamplingRow, logprobs_for
 from yun.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
+from yun.engine.spec.verify import accepted_prefix, seed_for_position
 from yun.layers.attention import set_decode_backend
 from yun.layers.fused import set_fused_backend
 from yun.layers.linear import set_bf16_backend
@@ -74,7 +75,6 @@ class ModelRunner:
             print(f"yun: {self.describe()}", file=sys.stderr, flush=True)
         self.block_size = config.block_size
         self.sampler = Sampler()
-        self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
 
@@ -181,7 +181,9 @@ class ModelRunner:
         for i, s in enumerate(order):
             req, start, n = s.request, s.start, s.num_new_tokens
             q_starts.append(len(ids))
-            ids.extend(req.token_ids_slice(start, start + n))
+            k = len(s.draft_token_ids)  # proposals to verify come after the known tokens
+            ids.extend(req.token_ids_slice(start, start + n - k))
+            ids.extend(s.draft_token_ids)
             pos = np.arange(start, start + n, dtype=np.int64)
             table = np.asarray(req.block_ids, dtype=np.int64)
             pos_chunks.append(pos)
@@ -217,20 +219,29 @@ class ModelRunner:
         if sched.is_empty:
             return out
         inp = self.prepare(sched)
-        sample_idx = [i for i, s in enumerate(inp.order) if s.samples]
-        rows = torch.tensor([inp.q_starts[i] + inp.order[i].num_new_tokens - 1
-                             for i in sample_idx], device=self.device) if sample_idx else None
+        sampling = [(i, inp.order[i]) for i in range(len(inp.order)) if inp.order[i].samples]
+        row_ids: list[int] = []  # logits rows: the last token, or with k proposals the last k+1
+        for i, s in sampling:
+            end = inp.q_starts[i] + s.num_new_tokens
+            row_ids.extend(range(end - len(s.draft_token_ids) - 1, end))
+        rows = torch.tensor(row_ids, device=self.device) if row_ids else None
         if self.tp is not None:  # the other ranks run the same forward and logits rows
             self.tp.send_step(inp, rows)
         hidden = self.run_model(inp)  # [T, E]
-        if sample_idx:
+        if sampling:
             logits = self.model.compute_logits(hidden[rows])  # [N, V]
-            reqs = [inp.order[i].request for i in sample_idx]
-            tokens, lps = self.sampler(logits, [self._sampling_row(r) for r in reqs])
-            for req, tok, lp in zip(reqs, tokens, lps):
-                out.sampled[req.request_id] = tok
-                if lp is not None:
-                    out.logprobs[req.request_id] = lp
+            srows = [r for _, s in sampling for r in self._sampling_rows(s)]
+            tokens, lps = self.sampler(logits, srows)
+            at = 0
+            for _, s in sampling:
+                k = len(s.draft_token_ids)
+                mine = tokens[at:at + k + 1]
+                kept = accepted_prefix(s.draft_token_ids, mine) if k else mine
+                rid = s.request.request_id
+                out.sampled[rid] = kept
+                if lps[at] is not None:
+                    out.logprobs[rid] = lps[at:at + len(kept)]
+                at += k + 1
         for i, s in enumerate(inp.order):
             if s.request.wants_prompt_logprobs:
                 lps = self._prompt_logprobs(s, hidden, inp.q_starts[i])
@@ -243,16 +254,27 @@ class ModelRunner:
         with forward_context(ForwardContext(inp.attn, self.kv_caches)):
             return self.model(inp.input_ids, inp.positions)
 
-    def _sampling_row(self, req: Request) -> SamplingRow:
+    def _sampling_rows(self, s: ScheduledRequest) -> list[SamplingRow]:
+        """One row per token sampled for the request: the next one, or with proposals one
+        per verified position (row j sees the proposals before it as output so far)."""
+        req, draft = s.request, s.draft_token_ids
+        if not draft:
+            return [self._sampling_row(req, req.output_token_ids)]
+        masks = None
+        if req.grammar is not None:
+            masks = req.grammar.masks_along(draft, self.model_config.vocab_size)
+        return [self._sampling_row(req, req.output_token_ids + draft[:j],
+                                   None if masks is None else masks[j])
+                for j in range(len(draft) + 1)]
+
+    def _sampling_row(self, req: Request, output: list[int],
+                      grammar_mask: torch.Tensor | None = None) -> SamplingRow:
         gen = None
-        if not req.params.greedy:
-            gen = self.generators.get(req.request_id)
-            if gen is None:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(req.seed)
-                self.generators[req.request_id] = gen
-        return SamplingRow(req.params, gen, req.prompt_token_ids, req.output_token_ids,
-                           req.grammar)
+        if not req.params.greedy:  # the noise of this output position (see spec/verify.py)
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed_for_position(req.seed, len(output)))
+        return SamplingRow(req.params, gen, req.prompt_token_ids, output, req.grammar,
+                           grammar_mask)
 
     def _prompt_logprobs(self, s: ScheduledRequest, hidden: torch.Tensor,
                          q_start: int) -> list[PositionLogprobs | None]:
@@ -310,7 +332,7 @@ class ModelRunner:
         return [out[i, :len(p)] for i, p in enumerate(prompts)]
 
     def release(self, request_id: str) -> None:
-        self.generators.pop(request_id, None)
+        """Forget a finished request (the runner keeps no per-request state today)."""
 
 
 def _pool(hidden: torch.Tensor, mode: str) -> torch.Tensor:

@@ -28,6 +28,9 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     grammar: "GrammarState | None" = None  # guided decoding: the request's matcher
+    # Speculative rows: the grammar's bitmask at this row's position, filled ahead
+    # ([ceil(V / 32)] int32, GrammarState.masks_along); None: fill from `grammar`.
+    grammar_mask: torch.Tensor | None = None
 
 
 def _penalize(logits: torch.Tensor, rows: list[SamplingRow]) -> None:

@@ -7,6 +7,12 @@ recently admitted request is preempted: its blocks are freed and it waits to be
 recomputed. Priorities (yun/engine/priority.py) reorder both: the highest-ranked
 request is admitted and scheduled first, the lowest-ranked preempted first. This module
 imports no torch.
+
+Speculative decoding: a decoding request may carry proposed tokens (`draft_token_ids`,
+set by the engine's proposer before `schedule`); they are scheduled as extra tokens of
+its step (within the token budget, the KV cache, `max_tokens` and the context length),
+and `update` keeps the ones the runner verified, rolling the rest back (their KV slots
+are recomputed later; blocks past the kept tokens are freed).
 """
 
 from __future__ import annotations
@@ -35,11 +41,14 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens computed this step, from request.num_computed_tokens on
     start: int  # = request.num_computed_tokens when scheduled
+    # Proposed tokens verified this step: the last len(draft) of the num_new_tokens.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """Whether this step reaches the end of the known tokens (so a token is sampled)."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+        return self.start + self.num_new_tokens - len(self.draft_token_ids) == \
+            self.request.num_tokens
 
 
 @dataclass
@@ -58,10 +67,14 @@ class SchedulerOutput:
 
 @dataclass
 class RunnerOutput:
-    """What the model runner produced for one step, keyed by request id."""
+    """What the model runner produced for one step, keyed by request id.
 
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
+    `sampled`: the tokens the step commits, in order: one, or with proposals the accepted
+    ones and then the sampled one; `logprobs`: one entry per committed token.
+    """
+
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
     # Prompt logprobs computed this step (one entry per prompt position in the chunk).
     prompt_logprobs: dict[str, list[PositionLogprobs | None]] = field(default_factory=dict)
 
@@ -122,6 +135,15 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
+            draft = self._fit_draft(req, n, budget)
+            if draft and not self.kv.allocate(req, n + len(draft)):
+                draft = []  # no room for proposals: plain decode (or preempt, as ever)
+            elif draft:
+                out.scheduled.append(ScheduledRequest(req, n + len(draft),
+                                                      req.num_computed_tokens, draft))
+                budget -= n + len(draft)
+                i += 1
+                continue
             while not self.kv.allocate(req, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -152,6 +174,17 @@ class Scheduler:
             count += 1
         return count
 
+    def _fit_draft(self, req: Request, n: int, budget: int) -> list[int]:
+        """The request's proposals that fit this step: only when it decodes one token, and
+        never past the budget, max_tokens (k proposals can commit k + 1 tokens) or the
+        context length."""
+        draft = req.draft_token_ids
+        if not draft or n != 1:
+            return []
+        room = min(budget - 1, req.max_tokens - req.num_output_tokens - 1,
+                   self.config.max_model_len - req.num_tokens)
+        return draft[:max(0, room)]
+
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         now = self.clock()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -179,6 +212,7 @@ class Scheduler:
         self.running.remove(req)
         self.kv.free_request(req)
         req.num_computed_tokens = 0
+        req.draft_token_ids = []
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -193,24 +227,33 @@ class Scheduler:
         changed: list[Request] = []
         for s in out.scheduled:
             req = s.request
+            req.draft_token_ids = []
             if req.is_finished:  # aborted while the step ran
                 continue
-            req.num_computed_tokens = s.start + s.num_new_tokens
+            tokens = result.sampled.get(req.request_id) or []
+            if isinstance(tokens, int):  # a single token is taken too
+                tokens = [tokens]
+            rejected = len(s.draft_token_ids) - max(0, len(tokens) - 1)
+            req.num_computed_tokens = s.start + s.num_new_tokens - rejected
+            if rejected:  # their KV slots are overwritten later; whole blocks go back now
+                self.kv.free_tail(req)
             self.kv.cache_full_blocks(req)
             if req.request_id in result.prompt_logprobs:
                 req.prompt_logprobs.extend(result.prompt_logprobs[req.request_id])
-            token = result.sampled.get(req.request_id)
-            if token is None:
+            if not tokens:
                 continue
-            req.output_token_ids.append(token)
-            if req.grammar is not None:  # guided decoding: advance the grammar
-                req.grammar.accept(token)
-            if req.request_id in result.logprobs:
-                req.logprobs.append(result.logprobs[req.request_id])
+            lps = result.logprobs.get(req.request_id)
             changed.append(req)
-            status = self._check_stop(req, token)
-            if status is not None:
-                self.finish(req, status)
+            for j, token in enumerate(tokens):
+                req.output_token_ids.append(token)
+                if req.grammar is not None:  # guided decoding: advance the grammar
+                    req.grammar.accept(token)
+                if lps:
+                    req.logprobs.append(lps[j])
+                status = self._check_stop(req, token)
+                if status is not None:  # tokens after a stop are dropped
+                    self.finish(req, status)
+                    break
         return changed
 
     @staticmethod

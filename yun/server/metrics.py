@@ -67,6 +67,7 @@ class ServerMetrics:
             Gauge(name, doc, registry=r).set_function(read)
         info = Gauge("yun_model_info", "The served model.", ["model"], registry=r)
         info.labels(model=model_name).set(1)
+        r.register(_SpecCollector(stats))
         if hasattr(engine, "replica_states"):  # serving replicas: one series per replica
             r.register(_ReplicaCollector(engine))
 
@@ -86,6 +87,44 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _SpecCollector:
+    """Speculative decoding: proposed and accepted tokens, in all and per proposal
+    position, and the acceptance rates (nothing while speculation is off)."""
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def collect(self):
+        proposed = list(getattr(self.stats, "spec_proposed", []) or [])
+        accepted = list(getattr(self.stats, "spec_accepted", []) or [])
+        if not proposed:
+            return
+        total_p, total_a = sum(proposed), sum(accepted)
+        yield CounterMetricFamily("yun_spec_decode_num_draft_tokens",
+                                  "Speculative tokens proposed and verified.", value=total_p)
+        yield CounterMetricFamily("yun_spec_decode_num_accepted_tokens",
+                                  "Speculative tokens accepted by verification.", value=total_a)
+        yield GaugeMetricFamily("yun_spec_decode_acceptance_rate",
+                                "Accepted / proposed speculative tokens.",
+                                value=total_a / total_p if total_p else 0.0)
+        by_p = CounterMetricFamily("yun_spec_decode_num_draft_tokens_per_pos",
+                                   "Speculative tokens proposed, by position in the proposal "
+                                   "(0 = first).", labels=["position"])
+        by_a = CounterMetricFamily("yun_spec_decode_num_accepted_tokens_per_pos",
+                                   "Speculative tokens accepted, by position.",
+                                   labels=["position"])
+        rate = GaugeMetricFamily("yun_spec_decode_acceptance_rate_per_pos",
+                                 "Accepted / proposed speculative tokens, by position.",
+                                 labels=["position"])
+        for j, (p, a) in enumerate(zip(proposed, accepted)):
+            by_p.add_metric([str(j)], p)
+            by_a.add_metric([str(j)], a)
+            rate.add_metric([str(j)], a / p if p else 0.0)
+        yield by_p
+        yield by_a
+        yield rate
 
 
 class _ReplicaCollector:
