@@ -167,6 +167,8 @@ class ModelRunner:
 
     # ---- one step --------------------------------------------------------------------
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
+        if all(s.num_new_tokens == 1 for s in sched.scheduled):
+            return self._prepare_decodes(sched.scheduled)
         order = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first
         bs = self.block_size
         ids: list[int] = []
@@ -213,6 +215,30 @@ class ModelRunner:
                           torch.from_numpy(np.concatenate(pos_chunks)).to(dev),
                           attn, order, q_starts)
 
+    def _prepare_decodes(self, order: list[ScheduledRequest]) -> StepInputs:
+        """`prepare` for a step of decodes only (one token per sequence, the common step):
+        the same tensors from plain lists, without the per-sequence numpy arrays."""
+        bs, dev = self.block_size, self.device
+        pos = [s.start for s in order]  # [B_d]
+        tables = [s.request.block_ids for s in order]
+        width = max(len(t) for t in tables)
+        padded = [t if len(t) == width else t + [0] * (width - len(t)) for t in tables]
+        block_tables = torch.tensor(padded, dtype=torch.long, device=dev)  # [B_d, max_blocks]
+        lens = torch.tensor([p + 1 for p in pos], dtype=torch.long, device=dev)  # [B_d]
+        span = torch.arange(width * bs, device=dev)
+        attn = AttentionMetadata(
+            slot_mapping=torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, pos)],
+                                      dtype=torch.long, device=dev),
+            num_decodes=len(order),
+            decode_block_tables=block_tables,
+            decode_context_lens=lens,
+            decode_mask=(span[None, :] < lens[:, None])[:, None, None, :],  # [B_d, 1, 1, L]
+        )
+        ids = [s.request.token_ids_slice(p, p + 1)[0] for s, p in zip(order, pos)]
+        return StepInputs(torch.tensor(ids, dtype=torch.long, device=dev),
+                          torch.tensor(pos, dtype=torch.long, device=dev),
+                          attn, list(order), list(range(len(order))))
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         out = RunnerOutput()
@@ -229,7 +255,9 @@ class ModelRunner:
             self.tp.send_step(inp, rows)
         hidden = self.run_model(inp)  # [T, E]
         if sampling:
-            logits = self.model.compute_logits(hidden[rows])  # [N, V]
+            # Every row samples (a step of decodes): the rows are all of `hidden`, in order.
+            last = hidden if len(row_ids) == hidden.shape[0] else hidden[rows]
+            logits = self.model.compute_logits(last)  # [N, V]
             srows = [r for _, s in sampling for r in self._sampling_rows(s)]
             tokens, lps = self.sampler(logits, srows)
             at = 0

@@ -147,10 +147,19 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tenso
     return (chunk * DRAW_CHUNK + tok).clamp_(max=V - 1)
 
 
+def _plain_greedy(row: SamplingRow) -> bool:
+    """Greedy with nothing that changes or reports the distribution: the argmax is all."""
+    p = row.params
+    return (p.greedy and p.logprobs is None and not p.needs_penalties and row.grammar is None
+            and len(row.output_token_ids) >= p.min_tokens)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]
                  ) -> tuple[list[int], list[PositionLogprobs | None]]:
         """logits: [B, V] float32 -> (token per row, logprobs entry per row or None)."""
+        if all(_plain_greedy(r) for r in rows):  # the common decode step: argmax only
+            return logits.argmax(dim=-1).tolist(), [None] * len(rows)
         want_lp = [r.params.logprobs is not None for r in rows]
         raw = logits.log_softmax(-1) if any(want_lp) else None  # [B, V]
         if any(r.params.logit_bias for r in rows):

@@ -22,12 +22,14 @@ import torch
 
 log = logging.getLogger("yun.kernels")
 
-_SOURCES = ("gemv_bf16.cpp", "gemm_bf16.cpp", "paged_attention.cpp", "elementwise.cpp")
+_SOURCES = ("gemv_bf16.cpp", "gemm_bf16.cpp", "paged_attention.cpp", "elementwise.cpp",
+            "decode_step.cpp")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp",
           "-ffp-contract=off"]  # a * b + c stays two roundings, as in torch
 # The same functions for x86-64 CPUs with AVX2 + FMA + F16C and no AVX-512 (avx2/).
-_AVX2_SOURCES = tuple(f"avx2/{s}" for s in ("module.cpp", "gemv_bf16.cpp", "gemm_bf16.cpp",
-                                            "paged_attention.cpp", "elementwise.cpp"))
+_AVX2_SOURCES = (*(f"avx2/{s}" for s in ("module.cpp", "gemv_bf16.cpp", "gemm_bf16.cpp",
+                                         "paged_attention.cpp", "elementwise.cpp")),
+                 "decode_step.cpp")  # ISA-neutral: calls the build's own kernels
 _AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
 
 # The native kernel builds, best first: module name, sources, headers, compiler flags,

@@ -18,7 +18,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from yun.layers import fused
 from yun.layers.context import AttentionMetadata, get_forward_context
+from yun.layers.rotary import apply_rope_
 
 
 # Optional native decode kernel (see yun/kernels): (q [B,H,D], k_cache, v_cache,
@@ -41,8 +43,10 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """k, v: [T, kv_heads, head_dim] into their slots of cache [2, NB, BS, KvH, D]."""
     _, nb, bs, kvh, d = cache.shape
     flat = cache.view(2, nb * bs, kvh, d)
-    flat[0].index_copy_(0, slot_mapping, k.to(cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(cache.dtype))
+    if k.dtype != cache.dtype:
+        k, v = k.to(cache.dtype), v.to(cache.dtype)
+    flat[0].index_copy_(0, slot_mapping, k)
+    flat[1].index_copy_(0, slot_mapping, v)
 
 
 def gather_kv(cache_kv: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -85,10 +89,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     if meta is None:
         meta = get_forward_context().attn
     write_kv(cache, k, v, meta.slot_mapping)
+    nd = meta.num_decodes
+    native = _decode_kernel is not None and q.device.type == "cpu"
+    if native and nd == q.shape[0]:  # decodes only (every decode step): no copy into `out`
+        return _decode_kernel(q, cache[0], cache[1], meta.decode_block_tables,
+                              meta.decode_context_lens, scale)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
-    nd = meta.num_decodes
-    if nd and _decode_kernel is not None and q.device.type == "cpu":
+    if nd and native:
         out[:nd] = _decode_kernel(q[:nd], cache[0], cache[1], meta.decode_block_tables,
                                   meta.decode_context_lens, scale, window or 0)
     elif nd:
@@ -111,3 +119,31 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
                                                attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[rows] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def qkv_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor,
+                  sin: torch.Tensor, cache: torch.Tensor, scale: float,
+                  meta: AttentionMetadata | None = None, window: int | None = None
+                  ) -> torch.Tensor:
+    """Attention over a fused QKV projection's output: neox rotary on q and k (in place
+    where the kernel can), the new keys/values into the cache, then `paged_attention`.
+
+    qkv: [T, (H + 2 KvH) * D] (q heads, k heads, v heads); cos, sin: [T, D] rows of the
+    rotary table; window: a sliding-window layer's span (None: all) -> [T, H * D]. A step
+    of decodes only (every decode step) on the native
+    kernels is one call (yun/kernels/decode_step.cpp), with the same results.
+    """
+    if meta is None:
+        meta = get_forward_context().attn
+    T, h, kvh = qkv.shape[0], num_heads, num_kv_heads
+    if (meta.num_decodes == T and _decode_kernel is not None and fused.usable(qkv)
+            and qkv.is_contiguous() and cos.dim() == 2 and cos.dtype == qkv.dtype
+            and cache.dtype == qkv.dtype):
+        return fused.ops.decode_attention_qkv(qkv, cos, sin, cache, meta.slot_mapping,
+                                              meta.decode_block_tables,
+                                              meta.decode_context_lens, h, kvh, scale,
+                                              window or 0)
+    heads = qkv.view(T, h + 2 * kvh, -1)  # [T, H + 2 KvH, D]
+    q, k = apply_rope_(heads[:, :h + kvh], cos, sin).split([h, kvh], dim=1)
+    return paged_attention(q, k, heads[:, h + kvh:], cache, scale, meta,
+                           window=window).reshape(T, -1)

@@ -163,13 +163,20 @@ class RotaryEmbedding(nn.Module):
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T] -> cos, sin: [T, 1, dim] in `dtype` (broadcast over heads)."""
+        cos, sin = self.cos_sin_rows(positions, dtype)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def cos_sin_rows(self, positions: torch.Tensor, dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] -> cos, sin: [T, dim] contiguous rows in `dtype`, the form
+        `apply_rope_` takes without reshaping (once per step, not once per layer)."""
         inv = self._token_inv_freq(positions) if self.length_dependent else self.inv_freq[None]
         freqs = positions.to(torch.float32)[:, None] * inv  # [T, dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, dim]
         cos, sin = emb.cos(), emb.sin()
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
-        return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
+        return cos.to(dtype), sin.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -184,8 +191,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`apply_rope`, in place where the native kernel can (x may be a view into a fused
-    projection: it is overwritten); returns the rotated tensor either way."""
+    projection: it is overwritten); returns the rotated tensor either way.
+
+    x: [T, heads, dim]; cos/sin: [T, dim] contiguous rows (`cos_sin_rows`) or [T, 1, dim].
+    """
     if (fused.usable(x) and x.dim() == 3 and x.stride(-1) == 1 and cos.dtype == x.dtype
             and cos.shape[0] == x.shape[0]):
-        return fused.ops.rope_neox_(x, cos.flatten(1).contiguous(), sin.flatten(1).contiguous())
+        if cos.dim() == 3:
+            cos, sin = cos.flatten(1).contiguous(), sin.flatten(1).contiguous()
+        return fused.ops.rope_neox_(x, cos, sin)
+    if cos.dim() == 2:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return apply_rope(x, cos, sin)

@@ -12,7 +12,7 @@ from torch import nn
 
 from yun.config import ModelConfig
 from yun.layers.activation import silu_and_mul
-from yun.layers.attention import paged_attention
+from yun.layers.attention import paged_attention, qkv_attention
 from yun.layers.context import get_forward_context
 from yun.layers.linear import Linear, MergedLinear
 from yun.layers.norm import RMSNorm
@@ -34,18 +34,19 @@ class Attention(nn.Module):
         self.window = cfg.sliding_window(layer_idx)  # None: full attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(
-            [self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
-        q = q.view(T, self.h, self.d)  # [T, H, D]
-        k = k.view(T, self.kvh, self.d)  # [T, KvH, D]
-        v = v.view(T, self.kvh, self.d)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope_(q, cos, sin), apply_rope_(k, cos, sin)  # q, k: views of the QKV output
+        """x: [T, E]; cos, sin: [T, D] rows of the rotary table -> [T, E]."""
+        T, h, kvh, d = x.shape[0], self.h, self.kvh, self.d
+        qkv = self.qkv_proj(x)  # [T, (H + 2 KvH) * D]: q, k, v heads
         cache = get_forward_context().kv_caches[self.layer_idx]
-        o = paged_attention(q, k, v, cache, self.scale, window=self.window)  # [T, H, D]
-        return self.o_proj(o.reshape(T, self.h * self.d))
+        if self.q_norm is None:  # rotary, cache write and attention: one call at decode
+            return self.o_proj(qkv_attention(qkv, h, kvh, cos, sin, cache, self.scale,
+                                              window=self.window))
+        heads = qkv.view(T, h + 2 * kvh, d)  # [T, H + 2 KvH, D]
+        q, k = self.q_norm(heads[:, :h]), self.k_norm(heads[:, h:h + kvh])
+        q, k = apply_rope_(q, cos, sin), apply_rope_(k, cos, sin)
+        o = paged_attention(q, k, heads[:, h + kvh:], cache, self.scale,
+                            window=self.window)  # [T, H, D]
+        return self.o_proj(o.reshape(T, h * d))
 
 
 class MLP(nn.Module):
@@ -70,8 +71,9 @@ class DecoderLayer(nn.Module):
         return MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_forward(
+            self.self_attn(self.input_layernorm(x), cos, sin), x)  # x += attn; h = norm(x)
+        return x + self.mlp(h)
 
 
 class DecoderModel(nn.Module):
@@ -123,7 +125,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, E]."""
         x = self.model.embed_tokens(input_ids)  # [T, E]
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        cos, sin = self.rotary.cos_sin_rows(positions, x.dtype)  # [T, D], once per step
         for layer in self.model.layers:
             x = layer(x, cos, sin)
         return self.model.norm(x)

@@ -13,6 +13,14 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor silu_and_mul(torch::Tensor x);
 torch::Tensor rope_neox_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 
+torch::Tensor decode_attention_qkv(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                                   torch::Tensor cache, torch::Tensor slot_mapping,
+                                   torch::Tensor block_tables, torch::Tensor context_lens,
+                                   int64_t num_heads, int64_t num_kv_heads, double scale,
+                                   int64_t window);
+std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor residual,
+                                        torch::Tensor w, double eps);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("isa") = "avx2";
   m.def("gemm_bf16", &gemm_bf16, "x @ w.T for bfloat16 weights, many rows (AVX2)");
@@ -24,4 +32,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm in one pass (float32/bfloat16, AVX2)");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over a fused [T, 2I] projection (AVX2)");
   m.def("rope_neox_", &rope_neox_, "neox rotary embedding, in place (AVX2)");
+  m.def("decode_attention_qkv", &decode_attention_qkv,
+        "rotary, KV-cache write and decode attention over a fused QKV output (decode_step.cpp)",
+        py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("cache"),
+        py::arg("slot_mapping"), py::arg("block_tables"), py::arg("context_lens"),
+        py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("scale"),
+        py::arg("window") = 0);
+  m.def("add_rms_norm", &add_rms_norm, "(residual + x, RMSNorm of it) in one call");
 }
