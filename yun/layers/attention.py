@@ -93,7 +93,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     native = _decode_kernel is not None and q.device.type == "cpu"
     if native and nd == q.shape[0]:  # decodes only (every decode step): no copy into `out`
         return _decode_kernel(q, cache[0], cache[1], meta.decode_block_tables,
-                              meta.decode_context_lens, scale)
+                              meta.decode_context_lens, scale, window or 0)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     if nd and native:
