@@ -124,8 +124,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from yun.eval import report
+    from yun.eval.stats import _scipy_stats
+
     try:
-        from yun.eval import report
+        _scipy_stats()  # before asking any endpoint: the statistics need scipy
     except ImportError as e:  # scipy, from the eval extra
         raise RuntimeError(str(e)) from e
     from yun.eval.cache import AnswerCache

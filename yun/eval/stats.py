@@ -20,10 +20,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-try:
-    from scipy import stats as _sp
-except ImportError as e:  # pragma: no cover - depends on the install
-    raise ImportError("yun eval needs scipy: pip install 'yun[eval]'") from e
+
+def _scipy_stats() -> Any:
+    """scipy.stats, imported on first use: `yun eval` needs it, a plain install need not
+    have it (every yun module imports without the optional extras)."""
+    try:
+        from scipy import stats
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError("yun eval needs scipy: pip install 'yun[eval]'") from e
+    return stats
+
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 4000
@@ -103,7 +109,7 @@ def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE
     """Wilson score interval of a proportion (scipy's binomtest)."""
     if n == 0:
         return (float("nan"), float("nan"))
-    ci = _sp.binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
+    ci = _scipy_stats().binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
     return float(ci.low), float(ci.high)
 
 
@@ -115,7 +121,7 @@ def bootstrap_interval(values: Sequence[float], confidence: float = CONFIDENCE,
         return (float("nan"), float("nan"))
     if np.all(x == x[0]):  # no spread: every resample has the same mean
         return float(x[0]), float(x[0])
-    res = _sp.bootstrap((x,), np.mean, n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
+    res = _scipy_stats().bootstrap((x,), np.mean, n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
                         confidence_level=confidence, rng=np.random.default_rng(seed))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
@@ -135,7 +141,7 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
     """Two-sided exact McNemar p-value: the discordant pairs against Binomial(b+c, 1/2)."""
     if a_only + b_only == 0:
         return 1.0
-    return float(_sp.binomtest(a_only, a_only + b_only, 0.5).pvalue)
+    return float(_scipy_stats().binomtest(a_only, a_only + b_only, 0.5).pvalue)
 
 
 def permutation_p(diffs: Sequence[float], seed: int = 0) -> float:
@@ -144,7 +150,7 @@ def permutation_p(diffs: Sequence[float], seed: int = 0) -> float:
     d = np.asarray(diffs, dtype=float)
     if d.size == 0 or np.all(d == 0):
         return 1.0
-    res = _sp.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=9999,
+    res = _scipy_stats().permutation_test((d,), np.mean, permutation_type="samples", n_resamples=9999,
                                alternative="two-sided", rng=np.random.default_rng(seed))
     return float(res.pvalue)
 
