@@ -150,8 +150,8 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tenso
 def _plain_greedy(row: SamplingRow) -> bool:
     """Greedy with nothing that changes or reports the distribution: the argmax is all."""
     p = row.params
-    return (p.greedy and p.logprobs is None and not p.needs_penalties and row.grammar is None
-            and len(row.output_token_ids) >= p.min_tokens)
+    return (p.greedy and p.logprobs is None and not p.needs_penalties and not p.logit_bias
+            and row.grammar is None and len(row.output_token_ids) >= p.min_tokens)
 
 
 class Sampler:
