@@ -75,7 +75,7 @@ def test_stop_sequences_end_the_text_and_are_named(claude):
 
 @pytest.mark.parametrize("choice", [{"type": "tool", "name": "get_weather"}, {"type": "any"}])
 def test_forced_tool_use_round_trip(claude, choice):
-    kw = dict(model=MODEL, max_tokens=60, tools=[WEATHER], tool_choice=choice,
+    kw = dict(model=MODEL, max_tokens=200, tools=[WEATHER], tool_choice=choice,
               extra_body={"seed": 1})
     m = claude.messages.create(messages=[{"role": "user", "content": "Weather in Paris?"}], **kw)
     assert m.stop_reason == "tool_use"
