@@ -16,8 +16,6 @@ from typing import Any, Callable
 import torch
 
 from yun import LLM, SamplingParams
-import yun.layers.attention as attention
-import yun.layers.quantized as quantized
 
 Timers = tuple[collections.defaultdict[str, float], collections.Counter[str]]
 
@@ -59,13 +57,11 @@ def instrument(llm: LLM, timers: Timers) -> None:
                                         runner.model.compute_logits)
     runner.sampler = timed(timers, "sampler", runner.sampler)
     runner.execute = timed(timers, "runner.execute (all)", runner.execute)
-    backend = quantized._backend
-    if backend is not None:
-        quantized._backend = quantized._Backend(_TimedKernels(backend.module, timers),
-                                                backend.isa, backend.activations)
-    if attention._decode_kernel is not None:
-        attention._decode_kernel = timed(timers, "decode attention kernel",
-                                         attention._decode_kernel)
+    # The runner installs its kernels before each forward pass: time them where it keeps them.
+    bf16, decode, fused_ops, quant = runner.kernels
+    runner.kernels = (bf16, None if decode is None else timed(timers, "decode attention kernel", decode),
+                      fused_ops, None if quant is None else _TimedKernels(quant, timers))
+    runner.install_kernels()
 
 
 def main() -> None:
@@ -77,6 +73,9 @@ def main() -> None:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall-clock time, or this thread's CPU time (with --threads 1: "
                          "less disturbed by other processes on a shared machine)")
+    ap.add_argument("--no-decode-plan", action="store_true",
+                    help="run the layers from Python (the reference path), not through "
+                         "yun/layers/decode_plan.py's one native call per step")
     ap.add_argument("--torch-profile", action="store_true",
                     help="also print torch.profiler's table of ops over 32 decode steps")
     args = ap.parse_args()
@@ -85,6 +84,7 @@ def main() -> None:
     CLOCK = time.perf_counter if args.clock == "wall" else time.thread_time
     llm = LLM(args.model, num_threads=args.threads, max_model_len=2048)
     eng = llm.engine
+    eng.runner.model.use_decode_plan = not args.no_decode_plan
     prompt = [(7 * i + 13) % 5000 + 100 for i in range(args.prompt_len)]
     eng.add_request("p", prompt, SamplingParams(max_tokens=args.steps + 40, ignore_eos=True,
                                                 temperature=0.0))

@@ -24,6 +24,7 @@ from yun.layers.attention import set_decode_backend
 from yun.layers.fused import set_fused_backend
 from yun.layers.linear import set_bf16_backend
 from yun.layers.quant_linear import QuantWeight
+from yun.layers import quantized
 from yun.layers.quantized import set_quant_backend
 from yun.layers.context import AttentionMetadata, ForwardContext, PrefillSeq, forward_context
 from yun.models.huge_pages import place_in_huge_pages
@@ -66,11 +67,13 @@ class ModelRunner:
             shard_model(self.model, tp)
         if self.device.type == "cpu":
             place_in_huge_pages(self.model)
-        set_bf16_backend(self._bf16_kernels())
-        set_decode_backend(self._decode_kernel())
-        set_fused_backend(self._fused_ops())
         self.has_quantized_weights = any(isinstance(m, QuantWeight) for m in self.model.modules())
-        set_quant_backend(self._quant_kernels())
+        # This runner's kernel choices, installed now and again before each forward pass:
+        # the layers read them from module globals, and another engine built in the same
+        # process (a draft model, a test's second LLM) installs its own.
+        self.kernels = (self._bf16_kernels(), self._decode_kernel(), self._fused_ops(),
+                        self._quant_kernels())
+        self.install_kernels()
         if tp is None or tp.rank == 0:
             print(f"yun: {self.describe()}", file=sys.stderr, flush=True)
         self.block_size = config.block_size
@@ -276,9 +279,20 @@ class ModelRunner:
                 out.prompt_logprobs[s.request.request_id] = lps
         return out
 
+    def install_kernels(self) -> None:
+        """Point the layers at this runner's kernels (cheap: four assignments)."""
+        bf16, decode, fused_ops, quant = self.kernels
+        set_bf16_backend(bf16)
+        set_decode_backend(decode)
+        set_fused_backend(fused_ops)
+        current = quantized._backend  # set_quant_backend asks the module for its paths:
+        if (None if current is None else current.module) is not quant:  # only on a change
+            set_quant_backend(quant)
+
     def run_model(self, inp: StepInputs) -> torch.Tensor:
         """The forward pass over the flat batch -> hidden states [T, E] (tensor-parallel
         workers call it too, with the inputs rank 0 sent)."""
+        self.install_kernels()
         with forward_context(ForwardContext(inp.attn, self.kv_caches)):
             return self.model(inp.input_ids, inp.positions)
 

@@ -66,3 +66,147 @@ std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor residual,
   auto sum = residual + x;
   return {sum, rms_norm(sum, w, eps)};
 }
+
+// ---------------------------------------------------------------------------------------
+// DecodePlan: every decoder layer of a Llama-style model for one decode step, in one call
+// from Python. At batch 1 a 30-layer model makes ~250 Python-level calls per step (module
+// dispatch, argument checks, the forward context) around ~240 native ones; the plan holds
+// each layer's weights once and runs the same native calls in the same order, so the
+// result is the Python path's bit for bit (tests/kernels/test_decode_plan.py). Built by
+// yun/layers/decode_plan.py, which decides when a model qualifies.
+//
+// Quantized matmuls live in the other extension (yun_quant_kernels, quant.cpp); it hands
+// out the address of its `matmul`, which this module calls directly (both are built
+// against the same torch, in the same process).
+
+
+torch::Tensor silu_and_mul(torch::Tensor x);
+
+namespace {
+
+using QuantMatmulFn = torch::Tensor (*)(torch::Tensor, torch::Tensor, int64_t, int64_t,
+                                        c10::optional<torch::Tensor>, const std::string&,
+                                        const std::string&);
+
+constexpr int64_t kF32 = 0, kF16 = 1, kBF16 = 30;  // ggml's float types
+
+bool is_float_type(int64_t q) { return q == kF32 || q == kF16 || q == kBF16; }
+
+// One (possibly fused) linear layer: its parts stacked along the output, as QuantWeight.
+struct Linear {
+  std::vector<torch::Tensor> parts;  // uint8 [rows, row_bytes], or a float [rows, cols]
+  std::vector<int64_t> qtypes;
+  int64_t cols = 0;
+  c10::optional<torch::Tensor> bias;
+};
+
+struct Layer {
+  torch::Tensor in_norm, post_norm;
+  Linear qkv, o, gate_up, down;
+  int64_t window = 0;  // 0: full attention
+};
+
+class DecodePlan {
+ public:
+  DecodePlan(int64_t matmul_address, std::string isa, std::string activations,
+             int64_t num_heads, int64_t num_kv_heads, double scale, double eps)
+      : matmul_(reinterpret_cast<QuantMatmulFn>(matmul_address)), isa_(std::move(isa)),
+        activations_(std::move(activations)), h_(num_heads), kvh_(num_kv_heads),
+        scale_(scale), eps_(eps) {
+    TORCH_CHECK(matmul_address != 0, "DecodePlan: no quantized matmul");
+  }
+
+  void add_layer(torch::Tensor in_norm, torch::Tensor post_norm,
+                 std::vector<std::vector<torch::Tensor>> parts,
+                 std::vector<std::vector<int64_t>> qtypes, std::vector<int64_t> cols,
+                 std::vector<c10::optional<torch::Tensor>> biases, int64_t window) {
+    TORCH_CHECK(parts.size() == 4 && qtypes.size() == 4 && cols.size() == 4 &&
+                    biases.size() == 4,
+                "DecodePlan.add_layer: qkv, o, gate_up and down expected");
+    Layer l;
+    l.in_norm = in_norm;
+    l.post_norm = post_norm;
+    l.window = window;
+    Linear* lins[4] = {&l.qkv, &l.o, &l.gate_up, &l.down};
+    for (int i = 0; i < 4; ++i) {
+      TORCH_CHECK(parts[i].size() == qtypes[i].size() && !parts[i].empty(),
+                  "DecodePlan.add_layer: one qtype per part");
+      lins[i]->parts = parts[i];
+      lins[i]->qtypes = qtypes[i];
+      lins[i]->cols = cols[i];
+      lins[i]->bias = biases[i];
+    }
+    layers_.push_back(std::move(l));
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // x: [B, E] (the embeddings), cos/sin: [B, D], caches: one [2, NB, BS, KvH, D] per
+  // layer; slot_mapping, block_tables, context_lens: the decode step's metadata ->
+  // the last layer's output [B, E] (before the final norm).
+  torch::Tensor run(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
+                    const std::vector<torch::Tensor>& caches, torch::Tensor slot_mapping,
+                    torch::Tensor block_tables, torch::Tensor context_lens) {
+    TORCH_CHECK(caches.size() == layers_.size(), "DecodePlan.run: ", layers_.size(),
+                " layers but ", caches.size(), " caches");
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const Layer& l = layers_[i];
+      torch::Tensor h = rms_norm(x.contiguous(), l.in_norm, eps_);
+      torch::Tensor qkv = linear(h, l.qkv);
+      torch::Tensor a = decode_attention_qkv(qkv, cos, sin, caches[i], slot_mapping,
+                                             block_tables, context_lens, h_, kvh_, scale_,
+                                             l.window);
+      std::vector<torch::Tensor> sn = add_rms_norm(linear(a, l.o), x, l.post_norm, eps_);
+      x = sn[0];
+      x = x + linear(silu_and_mul(linear(sn[1], l.gate_up).contiguous()), l.down);
+    }
+    return x;
+  }
+
+ private:
+  // As yun/layers/quant_linear.py: each part's matmul, concatenated, then the bias.
+  torch::Tensor linear(const torch::Tensor& x, const Linear& lin) const {
+    torch::Tensor y;
+    if (lin.parts.size() == 1) {
+      y = part(x, lin.parts[0], lin.qtypes[0], lin.cols);
+    } else {
+      std::vector<torch::Tensor> outs;
+      outs.reserve(lin.parts.size());
+      for (size_t i = 0; i < lin.parts.size(); ++i)
+        outs.push_back(part(x, lin.parts[i], lin.qtypes[i], lin.cols));
+      y = torch::cat(outs, -1);
+    }
+    if (lin.bias.has_value() && lin.bias->defined()) y = y + lin.bias->to(y.scalar_type());
+    return y;
+  }
+
+  torch::Tensor part(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype,
+                     int64_t cols) const {
+    if (is_float_type(qtype)) return at::linear(x, w.to(x.scalar_type()));
+    torch::Tensor y = matmul_(x, w, qtype, cols, c10::nullopt, isa_, activations_);
+    return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+  }
+
+  QuantMatmulFn matmul_;
+  std::string isa_, activations_;
+  int64_t h_, kvh_;
+  double scale_, eps_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace
+
+void register_decode_plan(pybind11::module_& m) {
+  // module_local: the AVX-512 and AVX2 modules each have their own (both load in tests).
+  pybind11::class_<DecodePlan>(m, "DecodePlan",
+                               "every decoder layer of one decode step in one call",
+                               pybind11::module_local())
+      .def(pybind11::init<int64_t, std::string, std::string, int64_t, int64_t, double,
+                          double>(),
+           pybind11::arg("matmul_address"), pybind11::arg("isa"),
+           pybind11::arg("activations"), pybind11::arg("num_heads"),
+           pybind11::arg("num_kv_heads"), pybind11::arg("scale"), pybind11::arg("eps"))
+      .def("add_layer", &DecodePlan::add_layer)
+      .def("num_layers", &DecodePlan::num_layers)
+      .def("run", &DecodePlan::run, pybind11::call_guard<pybind11::gil_scoped_release>());
+}

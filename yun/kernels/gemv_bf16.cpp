@@ -159,6 +159,8 @@ torch::Tensor decode_attention_qkv(torch::Tensor qkv, torch::Tensor cos, torch::
 std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor residual,
                                         torch::Tensor w, double eps);
 
+void register_decode_plan(pybind11::module_& m);  // decode_step.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_bf16", &gemm_bf16, "x @ w.T for bfloat16 weights, many rows (AVX-512)");
   m.def("gemv_bf16", &gemv_bf16, "skinny x @ w.T for bfloat16 weights (AVX-512)");
@@ -176,4 +178,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("scale"),
         py::arg("window") = 0);
   m.def("add_rms_norm", &add_rms_norm, "(residual + x, RMSNorm of it) in one call");
+  register_decode_plan(m);
 }

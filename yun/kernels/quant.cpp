@@ -539,6 +539,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &matmul, "x @ W.T (+ bias) for a GGUF-quantized W [N, row_bytes]",
         py::arg("x"), py::arg("w"), py::arg("qtype"), py::arg("k"), py::arg("bias"), py::arg("isa"),
         py::arg("activations") = "int8");
+  // For yun/kernels/decode_step.cpp's DecodePlan (another extension), which calls it directly.
+  m.def("matmul_address", [] { return reinterpret_cast<int64_t>(&matmul); },
+        "the address of `matmul`, for native callers in this process");
   m.def("isas", &isas, "the code paths this CPU runs, best first");
   m.def("quantize_activation", &quantize_activation_for_test,
         "x [M, K] -> (q int8 or int16 [M, Kp], d float32 [M, Kp / 32]) as the kernels quantize it",

@@ -13,6 +13,7 @@ from torch import nn
 from yun.config import ModelConfig
 from yun.layers.activation import silu_and_mul
 from yun.layers.attention import paged_attention, qkv_attention
+from yun.layers import decode_plan
 from yun.layers.context import get_forward_context
 from yun.layers.linear import Linear, MergedLinear
 from yun.layers.norm import RMSNorm
@@ -70,6 +71,14 @@ class DecoderLayer(nn.Module):
     def make_mlp(self, cfg: ModelConfig, layer_idx: int) -> nn.Module:
         return MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
+    def plain_skeleton(self) -> bool:
+        """True when this layer computes exactly what this class, Attention (without q/k
+        norms) and MLP do: the steps yun/layers/decode_plan.py runs natively."""
+        return (type(self).forward is DecoderLayer.forward
+                and type(self.self_attn).forward is Attention.forward
+                and self.self_attn.q_norm is None
+                and type(self.mlp).forward is MLP.forward)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x, h = self.post_attention_layernorm.add_forward(
             self.self_attn(self.input_layernorm(x), cos, sin), x)  # x += attn; h = norm(x)
@@ -126,6 +135,9 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] -> final hidden states [T, E]."""
         x = self.model.embed_tokens(input_ids)  # [T, E]
         cos, sin = self.rotary.cos_sin_rows(positions, x.dtype)  # [T, D], once per step
+        out = decode_plan.run_layers(self, self.model.layers, x, cos, sin)  # decode steps
+        if out is not None:
+            return self.model.norm(out)
         for layer in self.model.layers:
             x = layer(x, cos, sin)
         return self.model.norm(x)

@@ -1,0 +1,111 @@
+"""All decoder layers of a decode step in one native call, for the models that qualify.
+
+At batch 1 a small model's step is bound by what surrounds its matmuls: SmolLM2-135M
+makes ~8 native calls per layer (norm, QKV, attention, O, add+norm, gate/up, SiLU, down)
+through ~250 Python-level calls per step (module dispatch, argument checks, the forward
+context). `DecodePlan` (yun/kernels/decode_step.cpp) holds every layer's weights once and
+makes the same native calls in the same order from C++, so the output is the Python
+path's bit for bit; the Python layers stay the reference and the fallback.
+
+A model qualifies when every layer is the plain Llama skeleton (its `plain_skeleton()`
+says so: yun/models/llama.py's DecoderLayer, Attention without q/k norms, MLP) over GGUF-quantized weights
+(QuantLinear) that the native kernels run, and the step qualifies when it is decodes only
+on the native CPU kernels with the cache in the activations' dtype. Anything else (dense
+HF weights, Qwen3's q/k norms, MoE, prefill, speculative verification, an int8 cache)
+takes the Python path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from yun.layers import attention, fused, quantized
+from yun.layers.context import get_forward_context
+from yun.layers.norm import RMSNorm
+from yun.layers.quant_linear import FLOAT_TYPES, QuantLinear
+
+_NATIVE_TYPES = quantized._NATIVE | frozenset(FLOAT_TYPES)
+
+
+def _linear_parts(lin: object) -> tuple[list[torch.Tensor], list[int], int, Any] | None:
+    """(part tensors, their ggml types, input features, bias) of a QuantLinear the plan
+    can run, else None."""
+    if type(lin) is not QuantLinear:
+        return None
+    w = lin.qweight
+    if any(q not in _NATIVE_TYPES for q in w.qtypes):
+        return None
+    parts = [w._buffers[key] for key in w._keys]
+    if any(p.device.type != "cpu" for p in parts):
+        return None
+    bias = lin.bias.data if lin.bias is not None else None
+    return parts, list(w.qtypes), w.cols, bias
+
+
+def _qualifies(layer: object) -> bool:
+    plain = getattr(layer, "plain_skeleton", None)
+    return (callable(plain) and plain()
+            and type(layer.input_layernorm) is RMSNorm
+            and type(layer.post_attention_layernorm) is RMSNorm)
+
+
+def _build(layers: list[Any], backend: Any) -> Any | None:
+    """A DecodePlan over `layers`, or None when one of them does not qualify."""
+    if not layers or not all(_qualifies(layer) for layer in layers):
+        return None
+    first = layers[0]
+    a0, eps = first.self_attn, first.input_layernorm.eps
+    dtype = first.input_layernorm.weight.dtype
+    plan = fused.ops.DecodePlan(backend.module.matmul_address(), backend.isa,
+                                backend.activations, a0.h, a0.kvh, a0.scale, eps)
+    for layer in layers:
+        a = layer.self_attn
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if ((a.h, a.kvh, a.scale) != (a0.h, a0.kvh, a0.scale)
+                or any(n.eps != eps or n.weight.dtype != dtype for n in norms)):
+            return None
+        lins = [_linear_parts(m) for m in (a.qkv_proj, a.o_proj, layer.mlp.gate_up_proj,
+                                           layer.mlp.down_proj)]
+        if any(lin is None for lin in lins):
+            return None
+        plan.add_layer(norms[0].weight.data, norms[1].weight.data, [lin[0] for lin in lins],
+                       [lin[1] for lin in lins], [lin[2] for lin in lins],
+                       [lin[3] for lin in lins], a.window or 0)
+    return plan
+
+
+def _plan_for(model: torch.nn.Module, layers: list[Any]) -> Any | None:
+    """The model's plan for the kernels installed now (built on first use, rebuilt when
+    the runner installs other kernels), or None where it does not qualify."""
+    backend = quantized._backend
+    if backend is None or fused.ops is None or not hasattr(fused.ops, "DecodePlan"):
+        return None
+    key = (id(fused.ops), id(backend.module), backend.isa, backend.activations)
+    cached = model.__dict__.get("_decode_plan")
+    if cached is None or cached[0] != key:
+        cached = (key, _build(layers, backend))
+        model.__dict__["_decode_plan"] = cached
+    return cached[1]
+
+
+def run_layers(model: torch.nn.Module, layers: list[Any], x: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """Every layer of a decode step through the plan -> the last layer's output [B, E],
+    or None where this step or this model takes the Python path."""
+    if not getattr(model, "use_decode_plan", True):
+        return None
+    ctx = get_forward_context()
+    meta = ctx.attn
+    if (meta.num_decodes != x.shape[0] or meta.prefills or attention._decode_kernel is None
+            or not fused.usable(x) or x.dtype != cos.dtype or cos.dim() != 2):
+        return None
+    caches = ctx.kv_caches
+    if len(caches) != len(layers) or any(c.dtype != x.dtype for c in caches):
+        return None
+    plan = _plan_for(model, layers)
+    if plan is None or x.dtype != layers[0].input_layernorm.weight.dtype:
+        return None
+    return plan.run(x, cos, sin, caches, meta.slot_mapping, meta.decode_block_tables,
+                    meta.decode_context_lens)
