@@ -47,7 +47,7 @@ def test_native_decode_on_int8_equals_it_on_the_dequantized_cache(isa, dtype, wi
     kf, vf = dequantize_rows(kq, dtype), dequantize_rows(vq, dtype)
     ref = mod.paged_decode_attention(q, kf.contiguous(), vf.contiguous(), tables, lens,
                                      D ** -0.5, window)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the dequantized cache is rounded
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2  # bf16: two steps of bf16 at 1
     assert (out.float() - ref.float()).abs().max().item() <= tol
 
 
