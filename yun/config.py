@@ -15,6 +15,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 KERNEL_ISAS = ("auto", "avx512", "avx2")  # yun.kernels.ISAS, and auto
 SPECULATIVE_METHODS = ("ngram", "draft", "mtp")
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 TASKS = ("auto", "generate", "embed")
@@ -58,6 +59,13 @@ class EngineConfig:
         f"{round(KV_CACHE_CPU_FRACTION * 100)}%% of the available RAM on CPU (at most "
         f"{KV_CACHE_CPU_MAX >> 30} GiB), {round(KV_CACHE_GPU_FRACTION * 100)}%% of the free "
         "GPU memory on CUDA.")
+    kv_cache_dtype: str = _opt(
+        "auto", "KV-cache element type: auto (the model's compute dtype) or int8 (keys and "
+        "values quantized as they are written, one float32 scale per token and head: "
+        "head_dim + 4 bytes per row, about half of bfloat16 and a quarter of float32, so "
+        "about twice (four times) the tokens fit in --kv-cache-memory; read by the native "
+        "decode kernels and the torch path alike). Not for MLA models (DeepSeek-V3).",
+        choices=KV_CACHE_DTYPES)
     max_num_seqs: int = _opt(64, "Most requests that run in one engine step.")
     max_num_batched_tokens: int | None = _opt(
         None, "Token budget of one engine step (prefill chunks plus decodes). A step's "
@@ -107,6 +115,9 @@ class EngineConfig:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.kernel_isa not in KERNEL_ISAS:
             raise ValueError(f"kernel_isa must be one of {KERNEL_ISAS}, got {self.kernel_isa!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:

@@ -78,7 +78,8 @@ class LLMEngine:
             raise
         capacity = num_blocks * config.block_size
         self.max_model_len = self._resolve_max_len(config.max_model_len, capacity)
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                 self._shared_window())
         batched = config.max_num_batched_tokens or (
             512 if self.runner.device.type == "cpu" else 8192)
         if not config.enable_chunked_prefill:
@@ -122,6 +123,17 @@ class LLMEngine:
         if config.speculative_method is None:
             return None
         return Speculator(NgramProposer(), config.num_speculative_tokens)
+
+    def _shared_window(self) -> int | None:
+        """The window past which blocks can be freed: the widest one when every layer
+        slides (yun/engine/kv_cache.py), else None (some layer sees everything)."""
+        if self.runner.is_encoder:
+            return None
+        windows = [self.model_config.sliding_window(i)
+                   for i in range(self.model_config.num_layers)]
+        if not windows or any(w is None for w in windows):
+            return None
+        return max(windows)
 
     def _resolve_max_len(self, wanted: int | None, capacity: int) -> int:
         limit = self.model_config.max_context_len

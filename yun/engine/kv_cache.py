@@ -6,6 +6,16 @@ request whose prompt starts with the same tokens reuses them. Blocks are referen
 counted; a block whose count drops to zero goes back to the free queue but keeps its
 hash, so it can still be reused until the allocator evicts it (least recently freed
 first).
+
+Sliding windows: when every attention layer of the model slides over the last W
+positions (Mistral-style; `sliding_window`), a request's blocks that lie wholly before
+its next query's window are given back after each step, and its block table keeps
+`FREED` in their place (positions stay block-table indices; no kernel reads them: the
+native decode kernel starts at the window, the torch path masks them). A model where
+only some layers slide (Qwen2's max_window_layers, layer_types) keeps every block: its
+full-attention layers share the same block table and need all of them. Freeing there
+would take a second block table and pool for the sliding layers (vLLM's KV-cache groups:
+per-group tables and slot mappings handed to each layer); not built.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from dataclasses import dataclass
 from yun.engine.request import Request
 
 BlockHash = bytes
+FREED = -1  # a block-table entry whose block went back (outside every layer's window)
 
 
 def hash_block(parent: BlockHash | None, token_ids: list[int]) -> BlockHash:
@@ -44,9 +55,15 @@ class KVCacheStats:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None):
+        """`sliding_window`: the window W when every attention layer slides (None: some
+        or all layers attend to everything, and every block is kept)."""
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        if sliding_window is not None and sliding_window <= 0:
+            raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+        self.sliding_window = sliding_window
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -146,7 +163,7 @@ class KVCacheManager:
         n_full = min(req.num_computed_tokens // self.block_size, len(hashes))
         for i in range(n_full):
             block = req.block_ids[i]
-            if self.block_hash[block] is not None:
+            if block == FREED or self.block_hash[block] is not None:
                 continue
             h = hashes[i]
             if h not in self.cached:  # a twin computed by another request keeps the name
@@ -165,15 +182,40 @@ class KVCacheManager:
                 self.free[b] = None
                 self.free.move_to_end(b, last=False)
 
+    def free_outside_window(self, req: Request) -> int:
+        """With a sliding window W: give back the request's blocks that no query from
+        its next position on can see (every key before next - W + 1), leaving FREED in
+        the block table. Returns how many went back."""
+        if self.sliding_window is None:
+            return 0
+        first_seen = req.num_computed_tokens - self.sliding_window + 1
+        freed = 0
+        for i in range(min(max(0, first_seen) // self.block_size, len(req.block_ids))):
+            b = req.block_ids[i]
+            if b != FREED:
+                req.block_ids[i] = FREED
+                self._release(b)
+                freed += 1
+        return freed
+
+    def num_live_blocks(self, req: Request) -> int:
+        """Blocks the request holds (its block table less the FREED entries)."""
+        return sum(1 for b in req.block_ids if b != FREED)
+
+    def _release(self, b: int) -> None:
+        """Drop one reference; a block nobody holds goes back to the free queue (an
+        uncached one first in line: it is worthless)."""
+        self.ref_counts[b] -= 1
+        if self.ref_counts[b] == 0:
+            self.free[b] = None
+            if self.block_hash[b] is None:
+                self.free.move_to_end(b, last=False)
+
     def free_request(self, req: Request) -> None:
         """Release the request's blocks; its last blocks are evicted first."""
         for b in reversed(req.block_ids):
-            self.ref_counts[b] -= 1
-            if self.ref_counts[b] == 0:
-                self.free[b] = None
-                if self.block_hash[b] is None:
-                    # Uncached blocks are worthless: reuse them before cached ones.
-                    self.free.move_to_end(b, last=False)
+            if b != FREED:
+                self._release(b)
         req.block_ids.clear()
         self._req_hashes.pop(req.request_id, None)
 

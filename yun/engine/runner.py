@@ -22,6 +22,7 @@ from yun.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 from yun.engine.spec.verify import accepted_prefix, seed_for_position
 from yun.layers.attention import set_decode_backend
 from yun.layers.fused import set_fused_backend
+from yun.layers.kv_quant import SCALE_BYTES
 from yun.layers.linear import set_bf16_backend
 from yun.layers.quant_linear import QuantWeight
 from yun.layers import quantized
@@ -137,10 +138,26 @@ class ModelRunner:
         return kernels.paged_decode_attention(self._isa)
 
     # ---- KV cache --------------------------------------------------------------------
+    def kv_cache_spec(self, num_blocks: int) -> tuple[tuple[int, ...], torch.dtype]:
+        """One layer's cache shape and dtype: the model's spec, or with an int8 cache
+        (yun/layers/kv_quant.py) its rows widened by their float32 scale."""
+        shape = self.model.kv_cache_shape(num_blocks, self.config.block_size)
+        if self.config.kv_cache_dtype == "auto":
+            return shape, self.dtype
+        if len(shape) != 5:
+            raise ValueError(f"kv_cache_dtype={self.config.kv_cache_dtype!r} is not supported "
+                             f"for {self.model_config.architecture} (its cache holds "
+                             "compressed latents, not per-head keys and values); use auto")
+        if shape[-1] % SCALE_BYTES:
+            raise ValueError(f"kv_cache_dtype='int8' needs a head_dim divisible by "
+                             f"{SCALE_BYTES}, got {shape[-1]}")
+        return (*shape[:-1], shape[-1] + SCALE_BYTES), torch.int8
+
     def kv_bytes_per_token(self) -> int:
-        shape = self.model.kv_cache_shape(1, 1)
-        per_layer = int(np.prod(shape))
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        """KV-cache bytes one token takes over all layers."""
+        shape, dtype = self.kv_cache_spec(1)
+        per_layer = int(np.prod(shape)) // self.config.block_size
+        elem = torch.empty((), dtype=dtype).element_size()
         return per_layer * elem * self.model_config.num_layers
 
     @property
@@ -163,10 +180,23 @@ class ModelRunner:
         if self.num_blocks < 1:
             raise ValueError(f"kv_cache_memory={budget} bytes holds no block of "
                              f"{self.block_size} tokens ({per_block} bytes per block)")
-        shape = self.model.kv_cache_shape(self.num_blocks, self.block_size)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+        shape, dtype = self.kv_cache_spec(self.num_blocks)
+        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device)
                           for _ in range(self.model_config.num_layers)]
+        if self.tp is None or self.tp.rank == 0:
+            print(f"yun: {self.describe_kv_cache()}", file=sys.stderr, flush=True)
         return self.num_blocks
+
+    def describe_kv_cache(self) -> str:
+        """The start-up line on the KV cache: its element type, bytes per token, and how
+        many tokens fit."""
+        kind = ("int8 + float32 scale per token and head" if self.config.kv_cache_dtype == "int8"
+                else str(self.dtype).removeprefix("torch."))
+        per_token = self.kv_bytes_per_token()
+        total = per_token * self.num_blocks * self.block_size
+        return (f"KV cache: {kind}, {per_token} bytes per token, {self.num_blocks} blocks of "
+                f"{self.block_size} = {self.num_blocks * self.block_size} tokens fit "
+                f"({total / 2**20:.1f} MiB)")
 
     # ---- one step --------------------------------------------------------------------
     def prepare(self, sched: SchedulerOutput) -> StepInputs:

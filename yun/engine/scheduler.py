@@ -238,6 +238,7 @@ class Scheduler:
             if rejected:  # their KV slots are overwritten later; whole blocks go back now
                 self.kv.free_tail(req)
             self.kv.cache_full_blocks(req)
+            self.kv.free_outside_window(req)
             if req.request_id in result.prompt_logprobs:
                 req.prompt_logprobs.extend(result.prompt_logprobs[req.request_id])
             if not tokens:

@@ -1,7 +1,9 @@
 // Decode attention straight from the paged KV cache (one query token per sequence).
 // For each (sequence, KV head): scores of the G query heads that share the KV head
 // against every cached key (read block by block through the block table, no gather
-// copy), softmax, then the weighted sum of values. fp32 math; fp32 or bf16 cache.
+// copy), softmax, then the weighted sum of values. fp32 math; fp32, bf16 or int8 cache.
+// An int8 cache row (one token, one head) is D int8 values then their float32 scale
+// (4 bytes): x = q * scale (yun/layers/kv_quant.py writes it).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -18,8 +20,26 @@ inline __m512 load16(const at::BFloat16* p) {
   __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
+inline __m512 load16(const int8_t* p) {
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
+}
 inline float load1(const float* p) { return *p; }
 inline float load1(const at::BFloat16* p) { return static_cast<float>(*p); }
+inline float load1(const int8_t* p) { return static_cast<float>(*p); }
+
+// The scale of one cache row of D values: 1 for float rows, the trailing float32 of an
+// int8 row.
+inline float row_scale(const float*, int64_t) { return 1.f; }
+inline float row_scale(const at::BFloat16*, int64_t) { return 1.f; }
+inline float row_scale(const int8_t* row, int64_t D) {
+  float s;
+  std::memcpy(&s, row + D, sizeof s);
+  return s;
+}
+// Elements per cache row of D values (int8 rows carry their 4-byte scale).
+template <typename C> constexpr int64_t row_extra() { return 0; }
+template <> constexpr int64_t row_extra<int8_t>() { return 4; }
 
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t D) {
@@ -40,13 +60,13 @@ inline void axpy(float a, const T* v, float* out, int64_t D) {
   for (; d < D; ++d) out[d] += a * load1(v + d);
 }
 
-template <typename T>
-void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* lens,
+template <typename T, typename C>
+void decode(const T* q, const C* kc, const C* vc, const int64_t* tables, const int64_t* lens,
             T* out, int64_t B, int64_t H, int64_t KvH, int64_t D, int64_t BS, int64_t max_blocks,
             float scale, int64_t window) {
   const int64_t G = H / KvH;
-  // Strides of the cache [NB, BS, KvH, D].
-  const int64_t s_tok = KvH * D, s_blk = BS * KvH * D;
+  // Strides of the cache [NB, BS, KvH, D (+ 4 scale bytes for int8)].
+  const int64_t s_head = D + row_extra<C>(), s_tok = KvH * s_head, s_blk = BS * s_tok;
   at::parallel_for(0, B * KvH, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> qf(G * D), acc(G * D), scores;
     for (int64_t i = i0; i < i1; ++i) {
@@ -61,9 +81,10 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
       std::vector<float> mx(G, -INFINITY), sum(G, 0.f);
       for (int64_t j = 0; j < L; ++j) {
         const int64_t t = t0 + j;
-        const T* k = kc + table[t / BS] * s_blk + (t % BS) * s_tok + h * D;
+        const C* k = kc + table[t / BS] * s_blk + (t % BS) * s_tok + h * s_head;
+        const float ks = row_scale(k, D);
         for (int64_t g = 0; g < G; ++g) {
-          const float s = dot(qf.data() + g * D, k, D);
+          const float s = dot(qf.data() + g * D, k, D) * ks;
           scores[g * L + j] = s;
           mx[g] = std::max(mx[g], s);
         }
@@ -77,8 +98,9 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < L; ++j) {
         const int64_t t = t0 + j;
-        const T* v = vc + table[t / BS] * s_blk + (t % BS) * s_tok + h * D;
-        for (int64_t g = 0; g < G; ++g) axpy(scores[g * L + j], v, acc.data() + g * D, D);
+        const C* v = vc + table[t / BS] * s_blk + (t % BS) * s_tok + h * s_head;
+        const float vs = row_scale(v, D);
+        for (int64_t g = 0; g < G; ++g) axpy(scores[g * L + j] * vs, v, acc.data() + g * D, D);
       }
       for (int64_t g = 0; g < G; ++g) {
         T* o = out + (b * H + h * G + g) * D;
@@ -89,9 +111,30 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
   });
 }
 
+template <typename T>
+void dispatch_cache(const torch::Tensor& q, const torch::Tensor& k_cache,
+                    const torch::Tensor& v_cache, const torch::Tensor& bt,
+                    const torch::Tensor& lens, torch::Tensor& out, int64_t D, double scale,
+                    int64_t window) {
+  const int64_t B = q.size(0), H = q.size(1), BS = k_cache.size(1), KvH = k_cache.size(2);
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  if (k_cache.scalar_type() == at::kChar) {
+    decode<T, int8_t>(qp, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
+                      bt.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), op, B, H, KvH, D, BS,
+                      bt.size(1), static_cast<float>(scale), window);
+  } else {
+    TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
+    decode<T, T>(qp, k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), bt.data_ptr<int64_t>(),
+                 lens.data_ptr<int64_t>(), op, B, H, KvH, D, BS, bt.size(1),
+                 static_cast<float>(scale), window);
+  }
+}
+
 }  // namespace
 
-// q: [B, H, D]; k_cache, v_cache: [NB, BS, KvH, D] (contiguous, q's dtype);
+// q: [B, H, D]; k_cache, v_cache: [NB, BS, KvH, D] (contiguous, q's dtype) or int8
+// [NB, BS, KvH, D + 4] (D int8 values and their float32 scale per row);
 // block_tables: [B, max_blocks] int64; context_lens: [B] int64; window: attend to the
 // last `window` positions only (sliding-window layers), 0 = all. Returns [B, H, D].
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
@@ -101,25 +144,19 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "expected q [B, H, D] and caches [NB, BS, KvH, D]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "block tables and lengths must be int64");
   auto qc = q.contiguous();
   auto bt = block_tables.contiguous();
   auto lens = context_lens.contiguous();
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t BS = k_cache.size(1), KvH = k_cache.size(2);
-  TORCH_CHECK(H % KvH == 0 && k_cache.size(3) == D, "head counts or head_dim mismatch");
+  const int64_t H = q.size(1), D = q.size(2), KvH = k_cache.size(2);
+  const int64_t extra = k_cache.scalar_type() == at::kChar ? 4 : 0;
+  TORCH_CHECK(H % KvH == 0 && k_cache.size(3) == D + extra, "head counts or head_dim mismatch");
   auto out = torch::empty_like(qc);
   if (q.scalar_type() == at::kFloat) {
-    decode<float>(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                  bt.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H,
-                  KvH, D, BS, bt.size(1), static_cast<float>(scale), window);
+    dispatch_cache<float>(qc, k_cache, v_cache, bt, lens, out, D, scale, window);
   } else if (q.scalar_type() == at::kBFloat16) {
-    decode<at::BFloat16>(qc.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(),
-                         v_cache.data_ptr<at::BFloat16>(), bt.data_ptr<int64_t>(),
-                         lens.data_ptr<int64_t>(), out.data_ptr<at::BFloat16>(), B, H, KvH, D,
-                         BS, bt.size(1), static_cast<float>(scale), window);
+    dispatch_cache<at::BFloat16>(qc, k_cache, v_cache, bt, lens, out, D, scale, window);
   } else {
     TORCH_CHECK(false, "paged_decode_attention supports float32 and bfloat16");
   }

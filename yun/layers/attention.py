@@ -9,6 +9,11 @@ after a cached prefix attends to the gathered prefix plus itself.
 Sliding-window layers (`window` = W) let the query at position p see keys p - W < k <= p,
 as transformers' sliding-window mask does; the native decode kernel starts its loop at
 the window's first key.
+
+An int8 cache (`--kv-cache-dtype int8`, rows of yun/layers/kv_quant.py) is quantized as
+it is written and dequantized as it is read: gathered blocks here, row by row in the
+native decode kernels. A fresh prompt's own attention uses its unquantized keys/values
+(they are at hand); later chunks and decodes read the quantized ones.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 
 from yun.layers import fused
 from yun.layers.context import AttentionMetadata, get_forward_context
+from yun.layers.kv_quant import dequantize_rows, is_quantized, quantize_rows
 from yun.layers.rotary import apply_rope_
 
 
@@ -40,10 +46,13 @@ def set_decode_backend(fn: DecodeFn | None) -> None:
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, kv_heads, head_dim] into their slots of cache [2, NB, BS, KvH, D]."""
+    """k, v: [T, kv_heads, head_dim] into their slots of cache [2, NB, BS, KvH, D] (an
+    int8 cache: [..., D + 4], quantized rows)."""
     _, nb, bs, kvh, d = cache.shape
     flat = cache.view(2, nb * bs, kvh, d)
-    if k.dtype != cache.dtype:
+    if is_quantized(cache):
+        k, v = quantize_rows(k), quantize_rows(v)
+    elif k.dtype != cache.dtype:
         k, v = k.to(cache.dtype), v.to(cache.dtype)
     flat[0].index_copy_(0, slot_mapping, k)
     flat[1].index_copy_(0, slot_mapping, v)
@@ -68,15 +77,16 @@ def _causal_mask(q_len: int, ctx_len: int, window: int | None,
 
 def _decode_torch(q: torch.Tensor, cache: torch.Tensor, scale: float, meta: AttentionMetadata,
                   window: int | None, gqa: bool) -> torch.Tensor:
-    kc = gather_kv(cache[0], meta.decode_block_tables).transpose(1, 2)  # [B, KvH, L, D]
-    vc = gather_kv(cache[1], meta.decode_block_tables).transpose(1, 2)
+    kc = dequantize_rows(gather_kv(cache[0], meta.decode_block_tables), q.dtype)
+    vc = dequantize_rows(gather_kv(cache[1], meta.decode_block_tables), q.dtype)
+    kc, vc = kc.transpose(1, 2), vc.transpose(1, 2)  # [B, KvH, L, D]
     mask = meta.decode_mask  # [B, 1, 1, L]
     if window is not None:
         span = torch.arange(mask.shape[-1], device=mask.device)
         first = (meta.decode_context_lens - window)[:, None, None, None]
         mask = mask & (span >= first)
     qd = q.unsqueeze(2)  # [B, H, 1, D]
-    o = F.scaled_dot_product_attention(qd, kc.to(q.dtype), vc.to(q.dtype), attn_mask=mask,
+    o = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=mask,
                                        scale=scale, enable_gqa=gqa)
     return o.squeeze(2)
 
@@ -112,10 +122,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=not windowed,
                                                scale=scale, enable_gqa=gqa)
         else:
-            ks = gather_kv(cache[0], p.block_table)[:p.ctx_len].transpose(0, 1).unsqueeze(0)
-            vs = gather_kv(cache[1], p.block_table)[:p.ctx_len].transpose(0, 1).unsqueeze(0)
+            ks = dequantize_rows(gather_kv(cache[0], p.block_table)[:p.ctx_len], q.dtype)
+            vs = dequantize_rows(gather_kv(cache[1], p.block_table)[:p.ctx_len], q.dtype)
+            ks, vs = ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0)
             mask = _causal_mask(p.q_len, p.ctx_len, window if windowed else None, q.device)
-            o = F.scaled_dot_product_attention(qs, ks.to(q.dtype), vs.to(q.dtype),
+            o = F.scaled_dot_product_attention(qs, ks, vs,
                                                attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[rows] = o.squeeze(0).transpose(0, 1)
     return out
@@ -138,7 +149,7 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: tor
     T, h, kvh = qkv.shape[0], num_heads, num_kv_heads
     if (meta.num_decodes == T and _decode_kernel is not None and fused.usable(qkv)
             and qkv.is_contiguous() and cos.dim() == 2 and cos.dtype == qkv.dtype
-            and cache.dtype == qkv.dtype):
+            and (cache.dtype == qkv.dtype or is_quantized(cache))):
         return fused.ops.decode_attention_qkv(qkv, cos, sin, cache, meta.slot_mapping,
                                               meta.decode_block_tables,
                                               meta.decode_context_lens, h, kvh, scale,
