@@ -49,11 +49,16 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, config: EngineConfig,
-                 tp: "TensorParallel | None" = None):
+                 tp: "TensorParallel | None" = None, role: str = "target"):
+        """`role`: "target" (the served model) installs the process-wide kernel choices;
+        "draft" (a speculative draft model in the same process, built after the target)
+        only adds the kernels the target left out (e.g. quantized matmuls for a quantized
+        draft of a bf16 target), so the target's choices stay as they are."""
         self.model_config = model_config
+        self.role = role
         self.config = config
         self.device = resolve_device(config.device)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and role == "target":  # a draft keeps the target's
             torch.set_num_threads(config.num_threads or default_threads())
         self.dtype = resolve_dtype(model_config, config.dtype, self.device)
         if config.quantization and config.dtype == "auto" and self.device.type == "cpu":
@@ -66,17 +71,33 @@ class ModelRunner:
             shard_model(self.model, tp)
         if self.device.type == "cpu":
             place_in_huge_pages(self.model)
-        set_bf16_backend(self._bf16_kernels())
-        set_decode_backend(self._decode_kernel())
-        set_fused_backend(self._fused_ops())
         self.has_quantized_weights = any(isinstance(m, QuantWeight) for m in self.model.modules())
-        set_quant_backend(self._quant_kernels())
+        self._install_backends()
         if tp is None or tp.rank == 0:
-            print(f"yun: {self.describe()}", file=sys.stderr, flush=True)
+            label = "" if role == "target" else f"{role} model: "
+            print(f"yun: {label}{self.describe()}", file=sys.stderr, flush=True)
         self.block_size = config.block_size
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        # Speculative decoding with an MTP head reads the target's final hidden states:
+        # with `keep_hidden`, each step's [T, E] tensor and layout stay here (no copy).
+        self.keep_hidden = False
+        self.last_hidden: tuple[torch.Tensor, StepInputs] | None = None
+
+    def _install_backends(self) -> None:
+        """The layers' kernel choices (process-wide). A draft runner adds what is missing
+        and never replaces or removes the target's; the decode-attention and fused
+        kernels depend only on the settings a draft shares with its target."""
+        from yun.layers import attention, fused, linear, quantized
+
+        choices = ((set_bf16_backend, self._bf16_kernels, linear.bf16_backend_name),
+                   (set_decode_backend, self._decode_kernel, attention.decode_backend_name),
+                   (set_fused_backend, self._fused_ops, lambda: "native" if fused.ops else "torch"),
+                   (set_quant_backend, self._quant_kernels, quantized.quant_backend_name))
+        for install, pick, current in choices:
+            if self.role == "target" or current() == "torch":
+                install(pick())
 
     @property
     def _isa(self) -> str | None:
@@ -254,6 +275,8 @@ class ModelRunner:
         if self.tp is not None:  # the other ranks run the same forward and logits rows
             self.tp.send_step(inp, rows)
         hidden = self.run_model(inp)  # [T, E]
+        if self.keep_hidden:
+            self.last_hidden = (hidden, inp)
         if sampling:
             # Every row samples (a step of decodes): the rows are all of `hidden`, in order.
             last = hidden if len(row_ids) == hidden.shape[0] else hidden[rows]
