@@ -154,6 +154,10 @@ class SpecController:
             self.proposer_cost += PROPOSER_DECAY * (c - self.proposer_cost) \
                 if self.proposer_cost else c
 
+    def set_proposer_cost(self, seconds_per_position: float) -> None:
+        """The proposer measured its own cost per proposed position."""
+        self.proposer_cost = max(0.0, seconds_per_position)
+
     def observe_verification(self, request_id: str, num_proposed: int,
                              num_accepted: int) -> None:
         if num_proposed <= 0:

@@ -11,6 +11,7 @@ measured by the speculator and weighed by the controller.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 from yun.config import EngineConfig, ModelConfig
@@ -21,6 +22,8 @@ from yun.engine.spec.shadow import ShadowSequences
 from yun.model_source import resolve_model
 from yun.tokenizer import Tokenizer
 
+SHORT_FORWARD = 8  # tokens per sequence up to which a forward counts as a proposal's cost
+COST_DECAY = 0.3  # weight of the newest forward in seconds_per_position
 SAMPLE_TEXT = "The quick brown fox jumps over the lazy dog. 1234 + 5678 = 6912; {\"a\": [1]}"
 
 
@@ -33,6 +36,7 @@ class DraftModelProposer:
         self.max_batched_tokens = max_batched_tokens  # tokens per catch-up forward
         self.target_vocab = target_vocab
         self.num_forwards = 0  # draft forward passes so far
+        self.seconds_per_position = 0.0  # a forward of a few tokens per sequence (EMA)
 
     def propose(self, req: Request, k: int) -> list[int]:
         return self.propose_batch([req], [k])[0]
@@ -79,8 +83,12 @@ class DraftModelProposer:
 
     def _forward(self, batch: list[ScheduledRequest]) -> None:
         """One draft forward: advance each shadow's computed tokens, append its guess."""
+        t0 = time.perf_counter()
         result = self.runner.execute(SchedulerOutput(batch))
         self.num_forwards += 1
+        if all(s.num_new_tokens <= SHORT_FORWARD for s in batch):  # not a prompt's prefill
+            self.seconds_per_position = _ema(self.seconds_per_position,
+                                             time.perf_counter() - t0)
         for s in batch:
             s.request.num_computed_tokens = s.start + s.num_new_tokens
             if s.samples:
@@ -91,6 +99,10 @@ class DraftModelProposer:
 
     def release(self, request_id: str) -> None:
         self.shadows.release(request_id)
+
+
+def _ema(old: float, new: float) -> float:
+    return new if old == 0 else old + COST_DECAY * (new - old)
 
 
 def _below(tokens: list[int], vocab: int) -> list[int]:

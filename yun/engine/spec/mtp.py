@@ -15,6 +15,7 @@ Shapes: T = tokens, E = hidden size.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ from yun.config import EngineConfig
 from yun.engine.request import Request
 from yun.engine.runner import ModelRunner
 from yun.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
+from yun.engine.spec.draft import SHORT_FORWARD, _ema
 from yun.engine.spec.shadow import ShadowSequences
 from yun.layers.context import ForwardContext, forward_context
 from yun.models.deepseek_mtp import DeepseekV3MTP, load_mtp
@@ -51,6 +53,7 @@ class MTPProposer:
         self.pending: dict[str, _Pending] = {}
         self.requests: dict[str, Request] = {}
         self.num_forwards = 0
+        self.seconds_per_position = 0.0  # a forward of a few tokens per sequence (EMA)
 
     # ---- after each target step: keep the kept positions' hidden states ---------------
     def observe_step(self, sched: SchedulerOutput, result: RunnerOutput) -> None:
@@ -135,6 +138,7 @@ class MTPProposer:
     def _forward(self, batch: list[ScheduledRequest], hidden: torch.Tensor) -> torch.Tensor:
         """The MTP layer over `batch` (shadow positions start .. start + n - 1, rows of
         `hidden` [T, E] in batch order) -> g [T, E] in batch order; advances the shadows."""
+        t0 = time.perf_counter()
         inp = self.target.prepare(SchedulerOutput(batch))  # decodes first: reorder rows
         pos = {id(s): i for i, s in enumerate(batch)}
         starts, at = [], 0
@@ -151,6 +155,9 @@ class MTPProposer:
         with forward_context(ForwardContext(inp.attn, [self.cache])):
             g = self.mtp(embeds, hidden[idx], inp.positions)  # [T, E], inp order
         self.num_forwards += 1
+        if all(s.num_new_tokens <= SHORT_FORWARD for s in batch):
+            self.seconds_per_position = _ema(self.seconds_per_position,
+                                             time.perf_counter() - t0)
         for s in batch:
             s.request.num_computed_tokens = s.start + s.num_new_tokens
         back = torch.empty_like(idx)

@@ -28,6 +28,10 @@ class Proposer(Protocol):
 
 @runtime_checkable
 class ModelProposer(Protocol):
+    # The measured time of one proposer forward of a few tokens per sequence: what one
+    # more proposed position costs (a prompt's catch-up prefill is not counted in it).
+    seconds_per_position: float
+
     def propose_batch(self, reqs: list[Request], ks: list[int]) -> list[list[int]]:
         """Up to ks[i] tokens that may follow reqs[i]'s tokens, for all at once."""
         ...
@@ -75,7 +79,10 @@ class Speculator:
         self.stats.proposer_seconds += seconds
         if any(ks):
             self.stats.num_proposer_steps += 1
-            self.controller.observe_proposer(max(ks), seconds)
+            if self.batched:
+                self.controller.set_proposer_cost(self.proposer.seconds_per_position)
+            else:
+                self.controller.observe_proposer(max(ks), seconds)
 
     def observe(self, sched: SchedulerOutput, result: RunnerOutput, seconds: float) -> None:
         if self.batched:
