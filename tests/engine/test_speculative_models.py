@@ -241,3 +241,21 @@ def test_mtp_needs_the_layer(deepseek, qwen2_path):
         make(without, speculative_method="mtp")
     with pytest.raises(ValueError, match="DeepSeek-V3-family"):
         make(qwen2_path, speculative_method="mtp")
+
+
+def test_a_draft_runner_keeps_the_targets_kernel_choices(qwen2_path):
+    """The layers' kernel backends are process-wide: a float32 draft built after a bf16
+    target must not take the target's native bf16 matmuls away (a second target would)."""
+    from yun.config import EngineConfig, ModelConfig
+    from yun.engine.runner import ModelRunner
+    from yun.layers.linear import bf16_backend_name
+
+    cfg = ModelConfig.load(qwen2_path)
+    ModelRunner(cfg, EngineConfig(model=qwen2_path, dtype="bfloat16", num_threads=1))
+    if bf16_backend_name() != "native":
+        pytest.skip("no native bf16 kernels on this machine")
+    fp32 = EngineConfig(model=qwen2_path, dtype="float32", num_threads=1)
+    ModelRunner(cfg, fp32, role="draft")
+    assert bf16_backend_name() == "native"
+    ModelRunner(cfg, fp32)  # a target decides for itself (and removes them)
+    assert bf16_backend_name() == "torch"
