@@ -104,11 +104,21 @@ class EngineConfig:
         "forward pass (greedy output unchanged; sampled output keeps its distribution and "
         "seeds). ngram: prompt lookup, the continuation of the last 2-4 tokens' latest "
         "earlier occurrence in the prompt or output (pays when the output copies the "
-        "input). draft and mtp are not implemented yet. The number of proposals adapts to "
-        "the measured acceptance and step cost, down to none (e.g. at large batches). "
+        "input). draft: a smaller model with the same tokenizer (--speculative-model) "
+        "proposes greedily, with its own KV cache. mtp: DeepSeek-V3/R1's multi-token-"
+        "prediction layer (model.layers.{num_hidden_layers} of the checkpoint, loaded "
+        "only for this) proposes from the target's last hidden state. The number of "
+        "proposals adapts to the measured acceptance, step cost and proposer cost, down "
+        "to none (e.g. at large batches, or a draft as slow as the target). "
         "Default: off.", choices=SPECULATIVE_METHODS)
     num_speculative_tokens: int = _opt(
         5, "With --speculative-method: most tokens proposed per sequence and step.")
+    speculative_model: str | None = _opt(
+        None, "The draft model of --speculative-method draft (implied when only this is "
+        "given): a GGUF file or a Hugging Face folder of any architecture yun loads, with "
+        "the target's tokenizer. Loaded with the same --dtype, --quantization, device, "
+        "threads and kernel settings as the target; its KV cache holds as many tokens as "
+        "the target's.")
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -138,9 +148,18 @@ class EngineConfig:
                 self.speculative_method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_method must be one of {SPECULATIVE_METHODS}, "
                              f"got {self.speculative_method!r}")
-        if self.speculative_method in ("draft", "mtp"):
-            raise ValueError(f"speculative_method={self.speculative_method!r} is not "
-                             "implemented yet; use 'ngram'")
+        if self.speculative_model is not None and self.speculative_method is None:
+            object.__setattr__(self, "speculative_method", "draft")
+        if self.speculative_method == "draft" and not self.speculative_model:
+            raise ValueError("speculative_method='draft' needs speculative_model "
+                             "(--speculative-model PATH)")
+        if self.speculative_model is not None and self.speculative_method != "draft":
+            raise ValueError(f"speculative_model is for speculative_method='draft', not "
+                             f"{self.speculative_method!r}")
+        if self.speculative_method in ("draft", "mtp") and self.tensor_parallel_size > 1:
+            raise ValueError(f"speculative_method={self.speculative_method!r} does not run "
+                             "with tensor parallelism yet (use ngram, or "
+                             "--tensor-parallel-size 1)")
         if self.num_speculative_tokens <= 0:
             raise ValueError(f"num_speculative_tokens must be positive, "
                              f"got {self.num_speculative_tokens}")

@@ -325,8 +325,12 @@ def test_metrics_report_acceptance_per_position():
     from yun.server.metrics import _SpecCollector
 
     registry = CollectorRegistry()
-    registry.register(_SpecCollector(EngineStats(spec_proposed=[10, 8], spec_accepted=[6, 2])))
+    registry.register(_SpecCollector(EngineStats(spec_proposed=[10, 8], spec_accepted=[6, 2],
+                                                 spec_proposer_seconds=1.5,
+                                                 spec_proposer_steps=3)))
     text = generate_latest(registry).decode()
+    assert "yun_spec_decode_proposer_seconds_total 1.5" in text
+    assert "yun_spec_decode_proposer_steps_total 3.0" in text
     assert "yun_spec_decode_num_draft_tokens_total 18.0" in text
     assert "yun_spec_decode_num_accepted_tokens_total 8.0" in text
     assert 'yun_spec_decode_acceptance_rate_per_pos{position="0"} 0.6' in text

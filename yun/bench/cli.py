@@ -147,7 +147,7 @@ def _run_yun_offline(config, workload: Workload, args: argparse.Namespace) -> li
 
     configs = [config]
     if getattr(args, "speculation_off_too", False) and config.speculative_method:
-        configs.insert(0, replace(config, speculative_method=None))
+        configs.insert(0, replace(config, speculative_method=None, speculative_model=None))
     results: list[RunResult] = []
     for cfg in configs:
         llm = LLM(**asdict(cfg))

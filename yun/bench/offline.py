@@ -138,12 +138,14 @@ def run_yun(llm, workload: Workload, sampling: SamplingOptions,
     return results
 
 
-def spec_counts(engine) -> tuple[int, list[int], list[int]]:
-    """(verification steps, proposed and accepted tokens per position) so far."""
+def spec_counts(engine) -> tuple[int, list[int], list[int], float, int]:
+    """(verification steps, proposed and accepted tokens per position, proposer seconds,
+    steps that proposed) so far."""
     if engine.speculator is None:
-        return 0, [], []
+        return 0, [], [], 0.0, 0
     s = engine.speculator.stats
-    return s.num_steps, list(s.proposed), list(s.accepted)
+    return (s.num_steps, list(s.proposed), list(s.accepted), s.proposer_seconds,
+            s.num_proposer_steps)
 
 
 def spec_summary(before, after) -> dict:
@@ -152,7 +154,11 @@ def spec_summary(before, after) -> dict:
     pad = lambda xs: xs + [0] * (n - len(xs))  # noqa: E731
     proposed = [a - b for a, b in zip(after[1], pad(before[1]))]
     accepted = [a - b for a, b in zip(after[2], pad(before[2]))]
+    seconds, steps = after[3] - before[3], after[4] - before[4]
     return {"proposed": sum(proposed), "accepted": sum(accepted),
+            "verification_steps": after[0] - before[0],
+            "proposer_seconds": round(seconds, 4),
+            "proposer_ms_per_step": round(1000 * seconds / steps, 3) if steps else 0.0,
             "acceptance_rate": sum(accepted) / sum(proposed) if sum(proposed) else 0.0,
             "acceptance_by_position": [round(a / p, 3) if p else 0.0
                                        for a, p in zip(accepted, proposed)],

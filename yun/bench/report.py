@@ -66,7 +66,8 @@ def _spec_note(r: RunResult) -> str:
         return f"{r.system}: outputs {sha}" if sha else ""
     by_pos = " ".join(f"{x:.2f}" for x in spec["acceptance_by_position"])
     return (f"{r.system}: {spec['accepted']}/{spec['proposed']} proposed tokens accepted "
-            f"({spec['acceptance_rate']:.1%}); by position: {by_pos or '-'}; outputs "
+            f"({spec['acceptance_rate']:.1%}); by position: {by_pos or '-'}; proposer "
+            f"{spec.get('proposer_ms_per_step', 0.0):.1f} ms/step; outputs "
             f"{r.extra.get('output_sha256', '?')}")
 
 

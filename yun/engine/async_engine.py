@@ -39,6 +39,8 @@ class EngineStats:
     # Speculative decoding, per proposal position (0 = first): tokens proposed, accepted.
     spec_proposed: list[int] = field(default_factory=list)
     spec_accepted: list[int] = field(default_factory=list)
+    spec_proposer_seconds: float = 0.0  # time spent proposing (a draft model's forwards)
+    spec_proposer_steps: int = 0  # steps in which the proposer was asked for tokens
 
 
 @dataclass
@@ -290,6 +292,8 @@ class AsyncEngine:
         if eng.speculator is not None:
             spec = eng.speculator.stats
             s.spec_proposed, s.spec_accepted = list(spec.proposed), list(spec.accepted)
+            s.spec_proposer_seconds = spec.proposer_seconds
+            s.spec_proposer_steps = spec.num_proposer_steps
 
     def _dead_message(self) -> str:
         if self._error is not None:

@@ -118,11 +118,25 @@ class LLMEngine:
             return "embed" if has_sentence_transformers_config(path) else "generate"
         return task
 
-    @staticmethod
-    def _make_speculator(config: EngineConfig) -> Speculator | None:
-        if config.speculative_method is None:
+    def _make_speculator(self, config: EngineConfig) -> Speculator | None:
+        method = config.speculative_method
+        if method is None:
             return None
-        return Speculator(NgramProposer(), config.num_speculative_tokens)
+        if self.task == "embed":
+            raise ValueError("speculative decoding is for text generation, not --task embed")
+        capacity = self.kv.num_blocks * self.kv.block_size
+        if method == "draft":
+            from yun.engine.spec.draft import build_draft_proposer
+
+            proposer = build_draft_proposer(config, self.model_config, self.tokenizer,
+                                            capacity, self.max_num_batched_tokens)
+        elif method == "mtp":
+            from yun.engine.spec.mtp import build_mtp_proposer
+
+            proposer = build_mtp_proposer(config, self.runner, capacity)
+        else:
+            proposer = NgramProposer()
+        return Speculator(proposer, config.num_speculative_tokens)
 
     def _shared_window(self) -> int | None:
         """The window past which blocks can be freed: the widest one when every layer

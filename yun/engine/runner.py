@@ -51,11 +51,16 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, config: EngineConfig,
-                 tp: "TensorParallel | None" = None):
+                 tp: "TensorParallel | None" = None, role: str = "target"):
+        """`role`: "target" (the served model) sets torch's thread count; "draft" (a
+        speculative draft model in the same process, built after the target) keeps the
+        target's. Each runner installs its own kernel choices before each of its forward
+        passes (`install_kernels`), so neither takes the other's."""
         self.model_config = model_config
+        self.role = role
         self.config = config
         self.device = resolve_device(config.device)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and role == "target":  # a draft keeps the target's
             torch.set_num_threads(config.num_threads or default_threads())
         self.dtype = resolve_dtype(model_config, config.dtype, self.device)
         if config.quantization and config.dtype == "auto" and self.device.type == "cpu":
@@ -76,11 +81,16 @@ class ModelRunner:
                         self._quant_kernels())
         self.install_kernels()
         if tp is None or tp.rank == 0:
-            print(f"yun: {self.describe()}", file=sys.stderr, flush=True)
+            label = "" if role == "target" else f"{role} model: "
+            print(f"yun: {label}{self.describe()}", file=sys.stderr, flush=True)
         self.block_size = config.block_size
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        # Speculative decoding with an MTP head reads the target's final hidden states:
+        # with `keep_hidden`, each step's [T, E] tensor and layout stay here (no copy).
+        self.keep_hidden = False
+        self.last_hidden: tuple[torch.Tensor, StepInputs] | None = None
 
     @property
     def _isa(self) -> str | None:
@@ -287,6 +297,8 @@ class ModelRunner:
         if self.tp is not None:  # the other ranks run the same forward and logits rows
             self.tp.send_step(inp, rows)
         hidden = self.run_model(inp)  # [T, E]
+        if self.keep_hidden:
+            self.last_hidden = (hidden, inp)
         if sampling:
             # Every row samples (a step of decodes): the rows are all of `hidden`, in order.
             last = hidden if len(row_ids) == hidden.shape[0] else hidden[rows]

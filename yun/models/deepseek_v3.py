@@ -35,7 +35,7 @@ class MLAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         hf, E, bias = cfg.hf, cfg.hidden_size, cfg.attention_bias
-        self.layer_idx = layer_idx
+        self.layer_idx = layer_idx  # its cache in the forward context's kv_caches
         self.h, self.L = cfg.num_heads, hf["kv_lora_rank"]
         self.dn, self.r, self.dv = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"], hf["v_head_dim"]
         q_out = self.h * (self.dn + self.r)
@@ -134,10 +134,12 @@ def softmax_mscale(cfg: ModelConfig) -> float:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, cache_idx: int | None = None):
+        """`cache_idx`: which of the forward context's caches the attention uses (default:
+        layer_idx; the MTP layer, layer N of the checkpoint, has a cache list of its own)."""
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLAttention(cfg, layer_idx)
+        self.self_attn = MLAttention(cfg, layer_idx if cache_idx is None else cache_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = (DeepseekMoE(cfg) if is_moe_layer(cfg.hf, layer_idx)
                     else MLP(cfg.hidden_size, cfg.intermediate_size, bias=False))
@@ -177,8 +179,8 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def skip_weight(self, name: str) -> bool:
         """Skip the multi-token-prediction module (`num_nextn_predict_layers`, stored as
-        model.layers.{num_hidden_layers}.*): it predicts one token further ahead and
-        becomes useful as a draft model for speculative decoding later."""
+        model.layers.{num_hidden_layers}.*): it predicts one token further ahead, and
+        `--speculative-method mtp` loads it on its own (yun/models/deepseek_mtp.py)."""
         m = re.match(r"model\.layers\.(\d+)\.", name)
         return m is not None and int(m.group(1)) >= self.cfg.num_layers
 

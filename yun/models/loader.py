@@ -221,10 +221,11 @@ def resolve_dtype(cfg: ModelConfig, dtype: str, device: torch.device) -> torch.d
 
 
 def build_empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                      label: str) -> nn.Module:
-    """The model's modules with uninitialised weights on `device` (no time spent on random
-    init), computed buffers (rope tables) built."""
-    cls = model_class(cfg.architecture, label)
+                      label: str, cls: type[nn.Module] | None = None) -> nn.Module:
+    """The model's modules (of `cls`, default: the architecture's class) with
+    uninitialised weights on `device` (no time spent on random init), computed buffers
+    (rope tables) built."""
+    cls = cls or model_class(cfg.architecture, label)
     with torch.device("meta"):
         model = cls(cfg)
     model = model.to_empty(device=device).to(dtype=dtype)

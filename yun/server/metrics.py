@@ -106,6 +106,15 @@ class _SpecCollector:
                                   "Speculative tokens proposed and verified.", value=total_p)
         yield CounterMetricFamily("yun_spec_decode_num_accepted_tokens",
                                   "Speculative tokens accepted by verification.", value=total_a)
+        yield CounterMetricFamily(
+            "yun_spec_decode_proposer_seconds",
+            "Time spent proposing speculative tokens (a draft model's or MTP layer's "
+            "forwards; the n-gram lookup).",
+            value=float(getattr(self.stats, "spec_proposer_seconds", 0.0) or 0.0))
+        yield CounterMetricFamily(
+            "yun_spec_decode_proposer_steps",
+            "Engine steps in which the proposer was asked for tokens.",
+            value=int(getattr(self.stats, "spec_proposer_steps", 0) or 0))
         yield GaugeMetricFamily("yun_spec_decode_acceptance_rate",
                                 "Accepted / proposed speculative tokens.",
                                 value=total_a / total_p if total_p else 0.0)

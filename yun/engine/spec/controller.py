@@ -9,9 +9,14 @@ the tokens it is expected to add are worth more than that. The controller keeps
 - each request's acceptance rate (an exponential moving average of its verified
   proposals, starting from `PRIOR_ACCEPTANCE`).
 
+- the proposer's time per proposed position (a draft model runs one forward per
+  position, shared by the sequences that propose; the n-gram lookup costs ~nothing), an
+  exponential moving average `c` of its measured time over the most proposals it made.
+
 A request's j-th proposal is accepted only when the ones before it are, with probability
 about acc^j; it is worth proposing when acc^j times the time a committed token costs
-today (the step time per decoding sequence) exceeds `b`. At batch 1 a step is mostly
+today (the step time per decoding sequence) exceeds `b` plus its share of `c` (a draft
+as slow as the target never pays, even when all its proposals are accepted). At batch 1 a step is mostly
 per-step overhead and weight reads (a >> b) and several proposals pay; with many
 sequences the step is bound by its tokens (time per sequence ~ b) and speculation
 switches itself off. It also counts proposed / accepted tokens per position (metrics).
@@ -27,6 +32,7 @@ TIME_FORGET = 0.97  # per step: how much the step-time fit remembers of older st
 MIN_STEPS_FOR_FIT = 8  # before this many steps, assume a token costs PRIOR_TOKEN_COST * a
 PRIOR_TOKEN_COST = 0.1
 RECOVERY = 0.05  # per step without proposals, a request's rate drifts back to the prior
+PROPOSER_DECAY = 0.3  # weight of the newest measurement in the proposer's cost
 
 
 @dataclass
@@ -36,6 +42,8 @@ class SpecStats:
     num_steps: int = 0  # verification steps (steps with at least one proposal)
     proposed: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
+    proposer_seconds: float = 0.0  # time spent proposing (a draft model's forwards)
+    num_proposer_steps: int = 0  # steps in which the proposer was asked for tokens
 
     @property
     def num_proposed(self) -> int:
@@ -102,6 +110,7 @@ class SpecController:
         self.stats = SpecStats()
         self._acceptance: dict[str, float] = {}
         self._time = _LineFit(TIME_FORGET)
+        self.proposer_cost = 0.0  # seconds per proposed position (all sequences together)
 
     # ---- decisions -------------------------------------------------------------------
     def token_cost(self) -> tuple[float, float]:
@@ -121,11 +130,12 @@ class SpecController:
             return self.max_proposals
         a, b = self.token_cost()
         per_token = (a + b * step_tokens) / max(1, num_decoding)  # time of a committed token
+        cost = b + self.proposer_cost / max(1, num_decoding)  # of one more proposal
         acc = self._acceptance.get(request_id, PRIOR_ACCEPTANCE)
         k, gain = 0, 1.0
         while k < self.max_proposals:
             gain *= acc  # the chance that this proposal is reached and accepted
-            if gain * per_token <= b:
+            if gain * per_token <= cost:
                 break
             k += 1
         if k == 0 and acc < PRIOR_ACCEPTANCE:  # a bad stretch is forgotten slowly: retry
@@ -136,6 +146,17 @@ class SpecController:
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         if num_tokens > 0 and seconds > 0:
             self._time.add(num_tokens, seconds)
+
+    def observe_proposer(self, num_positions: int, seconds: float) -> None:
+        """The proposer took `seconds` for proposals up to `num_positions` deep."""
+        if num_positions > 0 and seconds >= 0:
+            c = seconds / num_positions
+            self.proposer_cost += PROPOSER_DECAY * (c - self.proposer_cost) \
+                if self.proposer_cost else c
+
+    def set_proposer_cost(self, seconds_per_position: float) -> None:
+        """The proposer measured its own cost per proposed position."""
+        self.proposer_cost = max(0.0, seconds_per_position)
 
     def observe_verification(self, request_id: str, num_proposed: int,
                              num_accepted: int) -> None:
