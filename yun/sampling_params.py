@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from yun.outputs import RequestOutputKind
+
 GREEDY_BELOW = 1e-5  # temperatures under this are treated as greedy (0)
 
 
@@ -89,6 +91,8 @@ class SamplingParams:
     # Scheduling class: higher is admitted and scheduled first, preempted last (the server
     # sets it from the tenant's class; yun/engine/priority.py ages it so none starves).
     priority: int = 0
+    # What each output holds: everything so far, only what is new, or one final output.
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine from the model's generation config; not user-facing.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 

@@ -12,10 +12,11 @@ import asyncio
 import logging
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from yun.config import EngineConfig
+from yun.engine.client import EngineStats, ReplicaState
 from yun.engine.engine import LLMEngine
 from yun.engine.errors import EngineDeadError
 from yun.engine.pooling import PoolingConfig
@@ -23,22 +24,6 @@ from yun.outputs import RequestOutput
 from yun.sampling_params import GuidedDecoding, SamplingParams
 
 log = logging.getLogger("yun.engine")
-
-
-@dataclass
-class EngineStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0
-    num_free_blocks: int = 0
-    num_blocks: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    steps: int = 0
-    # Speculative decoding, per proposal position (0 = first): tokens proposed, accepted.
-    spec_proposed: list[int] = field(default_factory=list)
-    spec_accepted: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -88,6 +73,12 @@ class _Sink:
 
 
 class AsyncEngine:
+    """One engine in this process behind the `EngineClient` interface (yun/engine/client.py);
+    with tensor_parallel_size > 1 its workers sit behind the same LLMEngine."""
+
+    config: EngineConfig
+    stats: EngineStats  # refreshed by the engine thread after every step
+
     def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
         self.engine = engine or LLMEngine(config)
         self.config = config
@@ -99,7 +90,7 @@ class AsyncEngine:
         self.stats = EngineStats()
         self._update_stats()
 
-    # ---- properties the server reads ---------------------------------------------------
+    # ---- the EngineClient interface (yun/engine/client.py) --------------------------
     @property
     def tokenizer(self):
         return self.engine.tokenizer
@@ -131,6 +122,10 @@ class AsyncEngine:
     def num_unfinished(self) -> int:
         """Requests accepted and not yet finished (queued commands included)."""
         return len(self._sinks)
+
+    def replica_states(self) -> list[ReplicaState]:
+        """One engine, no replicas: []."""
+        return []
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:

@@ -2,7 +2,7 @@
 generations on the engine with errors mapped to statuses and metrics recorded.
 
 A request becomes one `Job` per prompt (a chat is one prompt; a completions request may
-hold several). Each job runs `AsyncEngine.generate`, whose outputs are cumulative.
+hold several). Each job runs `EngineClient.generate` (yun/engine/client.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from yun.server.settings import ServerSettings
 from yun.server.streams import ClientGone, merge, unless_disconnected
 
 if TYPE_CHECKING:
-    from yun.engine.async_engine import AsyncEngine
+    from yun.engine.client import EngineClient
     from yun.tenants.gate import TenantGate, UsageMeter
 
 
@@ -88,7 +88,7 @@ def usage(outputs: list[RequestOutput | None], jobs: list[Job]) -> Usage:
 class OpenAIServing:
     """The engine as the endpoints see it."""
 
-    def __init__(self, engine: "AsyncEngine", settings: ServerSettings, model_name: str,
+    def __init__(self, engine: "EngineClient", settings: ServerSettings, model_name: str,
                  metrics: ServerMetrics):
         self.engine = engine
         self.settings = settings
@@ -107,7 +107,7 @@ class OpenAIServing:
         if model and model != self.model_name:
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
                            f"{self.model_name!r}", param="model", code="model_not_found")
-        served = getattr(self.engine, "task", "generate")
+        served = self.engine.task
         if task is not None and task != served:
             what = ("embeddings (/v1/embeddings) only" if served == "embed"
                     else "text generation; start it with --task embed for embeddings")
