@@ -1,9 +1,9 @@
-"""What the engine hands back: small data objects, no logic."""
+"""What the engine hands back: small data objects (and how DELTA outputs add up)."""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 class RequestOutputKind(enum.Enum):
@@ -68,6 +68,7 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # the request's output_kind
 
     def merge(self, later: "RequestOutput") -> None:
         """Fold `later`, the next DELTA output of the same request, into this one."""
@@ -81,3 +82,17 @@ class RequestOutput:
         self.prompt_logprobs = self.prompt_logprobs or later.prompt_logprobs
         self.num_cached_tokens = later.num_cached_tokens
         self.metrics = {**self.metrics, **later.metrics}
+
+
+def accumulate(total: RequestOutput | None, out: RequestOutput) -> RequestOutput:
+    """The request's output so far, given the previous total and the next output: a DELTA
+    output is added to (a copy of, the first time) the total; any other kind replaces it."""
+    if out.kind is not RequestOutputKind.DELTA:
+        return out
+    if total is None:
+        return replace(out, outputs=[
+            replace(c, token_ids=list(c.token_ids),
+                    logprobs=None if c.logprobs is None else list(c.logprobs))
+            for c in out.outputs])
+    total.merge(out)
+    return total

@@ -115,7 +115,8 @@ class FakeClient:
                     finish_reason=("length" if k == params.max_tokens else "stop")
                     if done else None)
                 sent_text = text
-                yield RequestOutput(rid, prompt, list(prompt_token_ids), [out], finished=done)
+                yield RequestOutput(rid, prompt, list(prompt_token_ids), [out], finished=done,
+                                    kind=params.output_kind)
         finally:
             self.num_unfinished -= 1
 
@@ -180,6 +181,8 @@ def test_the_server_runs_against_a_fake_client(fake):
             fake.script[:3], True)
         assert body["choices"][0]["finish_reason"] == "length"
 
+        # The server asks for deltas and adds them up itself (usage, whole responses).
+        assert fake.seen and all(p.output_kind is RequestOutputKind.DELTA for p in fake.seen)
         r = http.post("/v1/embeddings", json={"input": "hi"})
         assert r.status_code == 400  # task "generate": the server says so, no probing
     assert not fake.num_unfinished

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, AsyncIterator, Sequence
 
 from yun.config import EngineConfig, ModelConfig
-from yun.engine.async_engine import next_output
+from yun.engine.async_engine import coalesce, next_output
 from yun.engine.client import EngineStats, ReplicaState
 from yun.engine.errors import EngineDeadError
 from yun.engine.pooling import PoolingConfig
@@ -175,7 +175,8 @@ class Replica:
             self._tasks.pop(request_id, None)
 
     def _post(self, request_id: str, item: RequestOutput | Exception) -> None:
-        self._outbox[request_id] = item  # outputs are cumulative: the newest is enough
+        old = self._outbox.get(request_id)  # the newest cumulative output, or the deltas' sum
+        self._outbox[request_id] = item if old is None else coalesce(old, item)
         self._ready.set()
 
     async def abort(self, request_id: str) -> None:

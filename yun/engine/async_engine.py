@@ -20,7 +20,7 @@ from yun.engine.client import EngineStats, ReplicaState
 from yun.engine.engine import LLMEngine
 from yun.engine.errors import EngineDeadError
 from yun.engine.pooling import PoolingConfig
-from yun.outputs import RequestOutput
+from yun.outputs import RequestOutput, RequestOutputKind
 from yun.sampling_params import GuidedDecoding, SamplingParams
 
 log = logging.getLogger("yun.engine")
@@ -48,14 +48,25 @@ class _Embed:
 
 
 async def next_output(q: "asyncio.Queue[RequestOutput | BaseException]") -> RequestOutput:
-    """The newest output waiting in a request's queue (outputs are cumulative, so older
-    ones can be skipped); an error delivered instead is raised."""
+    """All the outputs waiting in a request's queue as one: the newest (cumulative
+    outputs supersede older ones) or their sum (DELTA outputs are merged); an error
+    delivered instead is raised."""
     item = await q.get()
     while not q.empty() and not isinstance(item, BaseException):
-        item = q.get_nowait()
+        item = coalesce(item, q.get_nowait())
     if isinstance(item, BaseException):
         raise item
     return item
+
+
+def coalesce(older: RequestOutput | BaseException, newer: RequestOutput | BaseException
+             ) -> RequestOutput | BaseException:
+    """Two successive outputs of one request as one (an error wins)."""
+    if (isinstance(older, RequestOutput) and isinstance(newer, RequestOutput)
+            and newer.kind is RequestOutputKind.DELTA):
+        older.merge(newer)
+        return older
+    return newer
 
 
 class _Sink:
@@ -146,7 +157,8 @@ class AsyncEngine:
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str | None = None, prompt: str | None = None
                        ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's cumulative output each time it changes; the last is finished.
+        """Yield the request's output each time it changes, in `params.output_kind`
+        (cumulative, delta or final only); the last is finished.
 
         Raises ValueError for input the model cannot take, EngineDeadError if the loop died.
         """

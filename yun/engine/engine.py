@@ -23,7 +23,7 @@ from yun.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, S
 from yun.engine.spec.ngram import NgramProposer
 from yun.engine.spec.speculator import Speculator
 from yun.model_source import resolve_model
-from yun.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from yun.outputs import CompletionOutput, PositionLogprobs, RequestOutput, RequestOutputKind
 from yun.sampling_params import SamplingParams
 from yun.tokenizer import Tokenizer
 
@@ -37,6 +37,8 @@ class _Child:
     detok: IncrementalDetokenizer
     finish_reason: str | None = None
     num_detokenized: int = 0  # output tokens already given to the detokenizer
+    tokens_sent: int = 0  # DELTA outputs: output tokens already handed out
+    text_sent: int = 0  # DELTA outputs: characters of text already handed out
 
 
 @dataclass
@@ -47,6 +49,7 @@ class _Parent:
     params: SamplingParams
     children: list[_Child] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
+    sent_any: bool = False  # an output went out (DELTA: prompt logprobs come with the first)
 
     @property
     def finished(self) -> bool:
@@ -286,7 +289,8 @@ class LLMEngine:
                 child.finish_reason = req.status.value
                 self._forget(req.request_id)
             touched[parent_id] = parent
-        outputs = [self._make_output(p) for p in touched.values()]
+        outputs = [self._make_output(p) for p in touched.values()
+                   if p.finished or p.params.output_kind is not RequestOutputKind.FINAL_ONLY]
         for p in touched.values():
             if p.finished:
                 self._parents.pop(p.request_id, None)
@@ -307,30 +311,41 @@ class LLMEngine:
         return None
 
     def _make_output(self, parent: _Parent) -> RequestOutput:
+        """The parent's output in its kind: everything so far, or (DELTA) what is new."""
+        delta = parent.params.output_kind is RequestOutputKind.DELTA
         outs = []
         for i, c in enumerate(parent.children):
             req = c.request
+            text = c.detok.output_text(c.finish_reason is not None)
+            start = c.tokens_sent if delta else 0
+            if delta:
+                text = text[c.text_sent:]
+                c.text_sent += len(text)
+                c.tokens_sent = req.num_output_tokens
             outs.append(CompletionOutput(
                 index=i,
-                text=c.detok.output_text(c.finish_reason is not None),
-                token_ids=list(req.output_token_ids),
+                text=text,
+                token_ids=req.output_token_ids[start:],
                 finish_reason=c.finish_reason,
                 stop_reason=req.stop_reason,
-                logprobs=self._named(req.logprobs) if parent.params.logprobs is not None else None,
+                logprobs=self._named(req.logprobs[start:])
+                if parent.params.logprobs is not None else None,
             ))
         first = parent.children[0].request
         metrics = {"arrival_time": parent.arrival}
         if first.first_token_time is not None:
             metrics["first_token_time"] = first.first_token_time
         prompt_lps = None
-        if parent.params.prompt_logprobs is not None:
+        if parent.params.prompt_logprobs is not None and not (delta and parent.sent_any):
             prompt_lps = [None if e is None else self._named([e])[0]
                           for e in first.prompt_logprobs]
+        parent.sent_any = True
         return RequestOutput(
             request_id=parent.request_id, prompt=parent.prompt,
             prompt_token_ids=parent.prompt_token_ids, outputs=outs,
             finished=parent.finished, prompt_logprobs=prompt_lps,
-            num_cached_tokens=first.num_cached_tokens, metrics=metrics)
+            num_cached_tokens=first.num_cached_tokens, metrics=metrics,
+            kind=parent.params.output_kind)
 
     def _named(self, entries: list[PositionLogprobs]) -> list[PositionLogprobs]:
         """Fill each Logprob's decoded_token (once per entry)."""

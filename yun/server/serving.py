@@ -2,7 +2,9 @@
 generations on the engine with errors mapped to statuses and metrics recorded.
 
 A request becomes one `Job` per prompt (a chat is one prompt; a completions request may
-hold several). Each job runs `EngineClient.generate` (yun/engine/client.py).
+hold several). Each job runs `EngineClient.generate` (yun/engine/client.py) asking for
+DELTA outputs: the endpoints stream what each output holds as it is, and read the sum
+so far (usage, the whole response) from `Job.total`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from yun.engine.errors import EngineDeadError
-from yun.outputs import RequestOutput
+from yun.outputs import RequestOutput, RequestOutputKind, accumulate
 from yun.sampling_params import GuidedDecoding, SamplingParams
 from yun.server.errors import APIError, bad_request
 from yun.server.metrics import ServerMetrics
@@ -41,13 +43,13 @@ class Job:
     request_id: str
     bills_output: bool = True  # False when the output is not returned (echo, max_tokens 0)
     meter: "UsageMeter | None" = None  # the tenant's usage record (set by admit)
+    total: RequestOutput | None = None  # the outputs so far, added up (set by generate)
 
 
 @dataclass
 class ChoiceState:
     """What a stream has already sent of one choice."""
 
-    text_sent: int = 0
     tokens_sent: int = 0
     text_offset: int = 0
     started: bool = False
@@ -189,20 +191,22 @@ class OpenAIServing:
     # ---- generations -------------------------------------------------------------------
     async def generate(self, job: Job, arrival: float) -> AsyncIterator[RequestOutput]:
         """engine.generate with input errors as 400, a stopped engine as 503, and metrics.
-        Closing it early aborts the request in the engine at once."""
+        Yields DELTA outputs (what is new); `job.total` holds their sum. Closing it early
+        aborts the request in the engine at once."""
         first_token: float | None = None
         last: RequestOutput | None = None
         status = "cancelled"  # unless it ends or fails (below)
         if job.meter is not None:
             job.meter.job_started()
         try:
-            stream = self.engine.generate(job.prompt_ids, job.params, job.request_id,
+            params = replace(job.params, output_kind=RequestOutputKind.DELTA)
+            stream = self.engine.generate(job.prompt_ids, params, job.request_id,
                                           job.prompt_text)
             try:
                 async for out in stream:
                     if first_token is None and any(c.token_ids for c in out.outputs):
                         first_token = time.perf_counter()
-                    last = out
+                    last = job.total = accumulate(job.total, out)
                     yield out
             finally:
                 await stream.aclose()
@@ -256,10 +260,10 @@ class OpenAIServing:
         return merge([self.generate(j, arrival) for j in jobs])
 
     async def run_all(self, jobs: list[Job], arrival: float) -> list[RequestOutput]:
-        """The final output of every job."""
-        finals: list[RequestOutput | None] = [None] * len(jobs)
-        async for i, out in self.stream_all(jobs, arrival):
-            finals[i] = out
+        """The final output of every job (all it generated)."""
+        async for _ in self.stream_all(jobs, arrival):
+            pass
+        finals = [j.total for j in jobs]
         if any(f is None or not f.finished for f in finals):
             raise APIError(503, "the engine stopped before the request finished")
         return finals  # type: ignore[return-value]
