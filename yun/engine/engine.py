@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from yun.config import EngineConfig, ModelConfig
 from yun.engine.detokenize import IncrementalDetokenizer
+from yun.engine.executor import Runner
 from yun.engine.guided import GuidedDecoder
 from yun.engine.kv_cache import KVCacheManager
 from yun.engine.request import Request, RequestStatus
@@ -57,13 +58,15 @@ class _Parent:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, runner: Runner | None = None):
+        """`runner`: run steps on this instead of a ModelRunner built here (no tensor
+        parallelism then; the model's config and tokenizer are still read from its files)."""
         self.config = config
         path = resolve_model(config.model)
         self.model_config = ModelConfig.load(path)
         self.tokenizer = Tokenizer.load(path)
         self.tp = None  # tensor parallelism: this process is rank 0 and starts the others
-        if config.tensor_parallel_size > 1:
+        if runner is None and config.tensor_parallel_size > 1:
             from yun.distributed.parallel import start_tensor_parallel
 
             self.tp = start_tensor_parallel(config, self.model_config)
@@ -71,8 +74,8 @@ class LLMEngine:
         # not only on shutdown(): the finalizer holds the group, not the engine.
         self._release = weakref.finalize(self, self.tp.shutdown) if self.tp else None
         try:
-            self.runner = ModelRunner(self.model_config, self.tp.config if self.tp else config,
-                                      self.tp)
+            self.runner: Runner = runner or ModelRunner(
+                self.model_config, self.tp.config if self.tp else config, self.tp)
             num_blocks = self.runner.allocate_kv_cache(config.kv_cache_memory)
         except BaseException:
             if self._release is not None:
