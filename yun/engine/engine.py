@@ -16,6 +16,7 @@ from yun.config import EngineConfig, ModelConfig
 from yun.engine.detokenize import IncrementalDetokenizer
 from yun.engine.executor import Runner
 from yun.engine.guided import GuidedDecoder
+from yun.engine.inputs import check_prompt
 from yun.engine.kv_cache import KVCacheManager
 from yun.engine.request import Request, RequestStatus
 from yun.engine.runner import ModelRunner
@@ -155,23 +156,12 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, prompt: str | None = None) -> None:
-        """Queue a request. Raises ValueError for input the model cannot take."""
+        """Queue a request. Raises ValueError for input the model cannot take
+        (InvalidParam, naming the field, for the prompt and its params)."""
         if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
-        n_prompt = len(prompt_token_ids)
-        if n_prompt == 0:
-            raise ValueError("the prompt is empty: at least one token is needed")
-        vocab = self.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if n_prompt >= self.max_model_len:
-            raise ValueError(f"the prompt has {n_prompt} tokens, but the model's context "
-                             f"length is {self.max_model_len} tokens")
-        room = self.max_model_len - n_prompt
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise ValueError(
-                f"the prompt ({n_prompt} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                f"the model's context length of {self.max_model_len} tokens")
+        check_prompt(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len)
+        room = self.max_model_len - len(prompt_token_ids)
         params = replace(params, _eos_token_ids=self.eos_token_ids)
         if params.guided is not None:  # ValueError for a bad grammar, before any state
             self.guided.compile(params.guided)

@@ -20,7 +20,8 @@ from starlette.concurrency import run_in_threadpool
 
 from yun.engine.errors import EngineDeadError
 from yun.outputs import RequestOutput, RequestOutputKind, accumulate
-from yun.sampling_params import GuidedDecoding, SamplingParams
+from yun.engine.inputs import check_prompt
+from yun.sampling_params import GuidedDecoding, InvalidParam, SamplingParams
 from yun.server.errors import APIError, bad_request
 from yun.server.metrics import ServerMetrics
 from yun.server.prompts import render_chat
@@ -158,27 +159,12 @@ class OpenAIServing:
         return Slot(self, num_prompts)
 
     def check_prompt(self, ids: list[int], params: SamplingParams, param: str) -> None:
-        """The engine's own input checks, made before the response starts (so a stream
-        never has to report them after its 200)."""
-        n, limit = len(ids), self.engine.max_model_len
-        if n == 0:
-            raise bad_request("the prompt is empty: at least one token is needed", param)
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise bad_request(f"token id {bad} is out of range: the vocabulary has "
-                              f"{self.vocab_size} tokens", param)
-        bad = next((t for t in params.logit_bias or {} if t >= self.vocab_size), None)
-        if bad is not None:
-            raise bad_request(f"logit_bias names token id {bad}, out of range: the vocabulary "
-                              f"has {self.vocab_size} tokens", "logit_bias")
-        if n >= limit:
-            raise bad_request(f"the prompt has {n} tokens, but the model's context length "
-                              f"is {limit} tokens", param)
-        if params.max_tokens is not None and n + params.max_tokens > limit:
-            raise bad_request(
-                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) is "
-                f"{n + params.max_tokens} tokens, more than the model's context length of "
-                f"{limit} tokens", "max_tokens")
+        """The engine's own input checks (yun/engine/inputs.py), made before the response
+        starts (so a stream never has to report them after its 200)."""
+        try:
+            check_prompt(ids, params, self.vocab_size, self.engine.max_model_len, param)
+        except InvalidParam as e:
+            raise bad_request(str(e), e.param) from e
 
     async def check_guided(self, spec: GuidedDecoding, param: str | None) -> None:
         """Compile the output constraint now, in a worker thread (a 400 naming the problem
@@ -211,6 +197,9 @@ class OpenAIServing:
             finally:
                 await stream.aclose()
             status = "completed" if last is not None and last.finished else "failed"
+        except InvalidParam as e:  # the engine's checks, should one not have run here
+            status = "failed"
+            raise bad_request(str(e), e.param) from e
         except ValueError as e:
             status = "failed"
             raise bad_request(str(e)) from e
