@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
@@ -11,7 +11,7 @@ from yun.config import EngineConfig
 from yun.demo import DEMO_NOTICE
 from yun.engine.engine import LLMEngine
 from yun.model_source import DEMO_RANDOM
-from yun.outputs import RequestOutput
+from yun.outputs import RequestOutput, RequestOutputKind
 from yun.sampling_params import SamplingParams
 
 PromptType = str | dict[str, Any]
@@ -60,8 +60,9 @@ class LLM:
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool | None = None) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order. Prompts are strings or
-        {"prompt_token_ids": [...]} dicts."""
+        """One RequestOutput per prompt, in order, each holding everything generated (the
+        engine sends each request's final output only, whatever `output_kind` says).
+        Prompts are strings or {"prompt_token_ids": [...]} dicts."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -79,7 +80,9 @@ class LLM:
             for prompt, params in zip(prompts, params_list):
                 text, token_ids = self._tokenize(prompt)
                 rid = self.engine.new_request_id()
-                self.engine.add_request(rid, token_ids, params, prompt=text)
+                self.engine.add_request(
+                    rid, token_ids, replace(params, output_kind=RequestOutputKind.FINAL_ONLY),
+                    prompt=text)
                 ids.append(rid)
             return self._run(ids, use_tqdm if use_tqdm is not None else len(ids) > 8)
         except BaseException:

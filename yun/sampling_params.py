@@ -7,7 +7,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from yun.outputs import RequestOutputKind
+
 GREEDY_BELOW = 1e-5  # temperatures under this are treated as greedy (0)
+
+
+class InvalidParam(ValueError):
+    """Input the engine cannot take, naming the field at fault (`param`: a SamplingParams
+    field, or "prompt"); the message starts with what is wrong with it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,8 @@ class SamplingParams:
     # Scheduling class: higher is admitted and scheduled first, preempted last (the server
     # sets it from the tenant's class; yun/engine/priority.py ages it so none starves).
     priority: int = 0
+    # What each output holds: everything so far, only what is new, or one final output.
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine from the model's generation config; not user-facing.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -104,8 +117,8 @@ class SamplingParams:
             self.temperature = 0.0
 
     def _validate(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+        def bad(name: str, why: str) -> InvalidParam:
+            return InvalidParam(name, f"{name} {why}, got {getattr(self, name)!r}")
 
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"):
@@ -140,6 +153,8 @@ class SamplingParams:
                 raise bad("logit_bias", "must map token ids (non-negative integers) to biases")
             if not (math.isfinite(bias) and -100.0 <= bias <= 100.0):
                 raise bad("logit_bias", "must map token ids to biases in [-100, 100]")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise bad("output_kind", "must be a RequestOutputKind")
         if not isinstance(self.priority, int):
             raise bad("priority", "must be an integer")
         for name in ("logprobs", "prompt_logprobs"):

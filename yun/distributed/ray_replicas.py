@@ -4,10 +4,9 @@ front end that routes every request to one of them.
     yun serve MODEL --replicas 2                       # a local Ray cluster, on loopback
     yun serve MODEL --ray-address auto --replicas 4    # join a cluster made by `ray start`
 
-`RayReplicas` is what the server sees: AsyncEngine's async interface (`generate`,
-`abort`, `is_alive`, `stats`, `tokenizer`, `model_config`, `max_model_len`,
-`num_unfinished`, `compile_grammar`, `start`, `shutdown`) plus `replica_states()` for
-/health and /metrics.
+`RayReplicas` is what the server sees: the `EngineClient` interface
+(yun/engine/client.py), as AsyncEngine, with `replica_states()` filled in for /health
+and /metrics.
 
 - A replica (`Replica`, an actor that Ray restarts when it dies) runs an AsyncEngine.
   Requests go in with `add`; outputs come back on one long-lived stream per replica
@@ -39,8 +38,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, AsyncIterator, Sequence
 
 from yun.config import EngineConfig, ModelConfig
-from yun.engine.async_engine import EngineStats, next_output
+from yun.engine.async_engine import coalesce, next_output
+from yun.engine.client import EngineStats, ReplicaState
 from yun.engine.errors import EngineDeadError
+from yun.engine.pooling import PoolingConfig
 from yun.model_source import resolve_model
 from yun.outputs import RequestOutput
 from yun.sampling_params import SamplingParams
@@ -148,7 +149,8 @@ class Replica:
         self._tasks: dict[str, asyncio.Task] = {}
 
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "max_model_len": self.engine.max_model_len}
+        return {"pid": os.getpid(), "max_model_len": self.engine.max_model_len,
+                "task": self.engine.task, "pooling": self.engine.pooling}
 
     def stats(self) -> dict[str, Any]:
         return {**asdict(self.engine.stats), "alive": self.engine.is_alive,
@@ -173,7 +175,8 @@ class Replica:
             self._tasks.pop(request_id, None)
 
     def _post(self, request_id: str, item: RequestOutput | Exception) -> None:
-        self._outbox[request_id] = item  # outputs are cumulative: the newest is enough
+        old = self._outbox.get(request_id)  # the newest cumulative output, or the deltas' sum
+        self._outbox[request_id] = item if old is None else coalesce(old, item)
         self._ready.set()
 
     async def abort(self, request_id: str) -> None:
@@ -191,6 +194,12 @@ class Replica:
 
     async def compile_grammar(self, spec: Any) -> None:
         await asyncio.to_thread(self.engine.compile_grammar, spec)
+
+    async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        try:
+            return await self.engine.embed(prompts)
+        except ValueError as e:  # the input: a 400 at the front end
+            raise ValueError(str(e)) from None
 
 
 # ---- the front end's view ------------------------------------------------------------------
@@ -218,8 +227,16 @@ def _release_replicas(ray: Any, actors: list[Any], owns_ray: bool) -> None:
 
 
 class RayReplicas:
-    """N replicas on Ray behind AsyncEngine's interface. Loads every replica before
+    """N replicas on Ray behind the `EngineClient` interface. Loads every replica before
     returning; `start()` (from the server's event loop) begins listening to them."""
+
+    config: EngineConfig  # max_num_seqs: all replicas together
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    max_model_len: int  # the smallest replica's
+    task: str
+    pooling: PoolingConfig | None
+    stats: EngineStats  # the healthy replicas' sums, refreshed every POLL_INTERVAL_S
 
     def __init__(self, config: EngineConfig, replicas: int = 1, address: str | None = None,
                  routing: str = "prefix", max_imbalance: int = 8,
@@ -252,6 +269,7 @@ class RayReplicas:
         for r, info in zip(self._replicas, infos):
             r.pid, r.max_model_len, r.healthy = info["pid"], info["max_model_len"], True
         self.max_model_len = min(r.max_model_len for r in self._replicas)
+        self.task, self.pooling = infos[0]["task"], infos[0]["pooling"]
         # What admission control reads: the service runs N x max_num_seqs at once.
         self.config = replace(config, max_num_seqs=config.max_num_seqs * replicas)
         self.stats = EngineStats()
@@ -281,7 +299,7 @@ class RayReplicas:
     def num_unfinished(self) -> int:
         return sum(len(r.requests) for r in self._replicas)
 
-    def replica_states(self) -> list[dict[str, Any]]:
+    def replica_states(self) -> list[ReplicaState]:
         """Per-replica state for /health and /metrics."""
         out = []
         for r in self._replicas:
@@ -403,6 +421,21 @@ class RayReplicas:
             if isinstance(e.cause, ValueError):
                 raise ValueError(str(e.cause)) from None
             raise
+
+    async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        """As AsyncEngine.embed, on the least-loaded healthy replica."""
+        up = [r for r in self._replicas if r.healthy]
+        if self._closed or not up:
+            raise EngineDeadError("no replica is running")
+        r = min(up, key=lambda r: len(r.requests))
+        try:
+            return await r.actor.embed.remote(prompts)
+        except self.ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, ValueError):
+                raise ValueError(str(e.cause)) from None
+            raise EngineDeadError(f"replica {r.index} failed: {_short(e)}") from None
+        except self.ray.exceptions.RayActorError as e:
+            raise EngineDeadError(f"replica {r.index} died: {_short(e)}") from None
 
     # ---- background tasks ----------------------------------------------------------------
     async def _listen(self, r: _ReplicaState) -> None:

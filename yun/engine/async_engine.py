@@ -12,35 +12,18 @@ import asyncio
 import logging
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from yun.config import EngineConfig
+from yun.engine.client import EngineStats, ReplicaState
 from yun.engine.engine import LLMEngine
 from yun.engine.errors import EngineDeadError
 from yun.engine.pooling import PoolingConfig
-from yun.outputs import RequestOutput
+from yun.outputs import RequestOutput, RequestOutputKind
 from yun.sampling_params import GuidedDecoding, SamplingParams
 
 log = logging.getLogger("yun.engine")
-
-
-@dataclass
-class EngineStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0
-    num_free_blocks: int = 0
-    num_blocks: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    steps: int = 0
-    # Speculative decoding, per proposal position (0 = first): tokens proposed, accepted.
-    spec_proposed: list[int] = field(default_factory=list)
-    spec_accepted: list[int] = field(default_factory=list)
-    spec_proposer_seconds: float = 0.0  # time spent proposing (a draft model's forwards)
-    spec_proposer_steps: int = 0  # steps in which the proposer was asked for tokens
 
 
 @dataclass
@@ -65,14 +48,25 @@ class _Embed:
 
 
 async def next_output(q: "asyncio.Queue[RequestOutput | BaseException]") -> RequestOutput:
-    """The newest output waiting in a request's queue (outputs are cumulative, so older
-    ones can be skipped); an error delivered instead is raised."""
+    """All the outputs waiting in a request's queue as one: the newest (cumulative
+    outputs supersede older ones) or their sum (DELTA outputs are merged); an error
+    delivered instead is raised."""
     item = await q.get()
     while not q.empty() and not isinstance(item, BaseException):
-        item = q.get_nowait()
+        item = coalesce(item, q.get_nowait())
     if isinstance(item, BaseException):
         raise item
     return item
+
+
+def coalesce(older: RequestOutput | BaseException, newer: RequestOutput | BaseException
+             ) -> RequestOutput | BaseException:
+    """Two successive outputs of one request as one (an error wins)."""
+    if (isinstance(older, RequestOutput) and isinstance(newer, RequestOutput)
+            and newer.kind is RequestOutputKind.DELTA):
+        older.merge(newer)
+        return older
+    return newer
 
 
 class _Sink:
@@ -90,6 +84,12 @@ class _Sink:
 
 
 class AsyncEngine:
+    """One engine in this process behind the `EngineClient` interface (yun/engine/client.py);
+    with tensor_parallel_size > 1 its workers sit behind the same LLMEngine."""
+
+    config: EngineConfig
+    stats: EngineStats  # refreshed by the engine thread after every step
+
     def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
         self.engine = engine or LLMEngine(config)
         self.config = config
@@ -101,7 +101,7 @@ class AsyncEngine:
         self.stats = EngineStats()
         self._update_stats()
 
-    # ---- properties the server reads ---------------------------------------------------
+    # ---- the EngineClient interface (yun/engine/client.py) --------------------------
     @property
     def tokenizer(self):
         return self.engine.tokenizer
@@ -134,6 +134,10 @@ class AsyncEngine:
         """Requests accepted and not yet finished (queued commands included)."""
         return len(self._sinks)
 
+    def replica_states(self) -> list[ReplicaState]:
+        """One engine, no replicas: []."""
+        return []
+
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
@@ -153,7 +157,8 @@ class AsyncEngine:
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str | None = None, prompt: str | None = None
                        ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's cumulative output each time it changes; the last is finished.
+        """Yield the request's output each time it changes, in `params.output_kind`
+        (cumulative, delta or final only); the last is finished.
 
         Raises ValueError for input the model cannot take, EngineDeadError if the loop died.
         """

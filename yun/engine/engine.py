@@ -14,7 +14,9 @@ from dataclasses import dataclass, field, replace
 
 from yun.config import EngineConfig, ModelConfig
 from yun.engine.detokenize import IncrementalDetokenizer
+from yun.engine.executor import Runner
 from yun.engine.guided import GuidedDecoder
+from yun.engine.inputs import check_prompt
 from yun.engine.kv_cache import KVCacheManager
 from yun.engine.request import Request, RequestStatus
 from yun.engine.runner import ModelRunner
@@ -23,7 +25,7 @@ from yun.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, S
 from yun.engine.spec.ngram import NgramProposer
 from yun.engine.spec.speculator import Speculator
 from yun.model_source import resolve_model
-from yun.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from yun.outputs import CompletionOutput, PositionLogprobs, RequestOutput, RequestOutputKind
 from yun.sampling_params import SamplingParams
 from yun.tokenizer import Tokenizer
 
@@ -37,6 +39,8 @@ class _Child:
     detok: IncrementalDetokenizer
     finish_reason: str | None = None
     num_detokenized: int = 0  # output tokens already given to the detokenizer
+    tokens_sent: int = 0  # DELTA outputs: output tokens already handed out
+    text_sent: int = 0  # DELTA outputs: characters of text already handed out
 
 
 @dataclass
@@ -47,6 +51,7 @@ class _Parent:
     params: SamplingParams
     children: list[_Child] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
+    sent_any: bool = False  # an output went out (DELTA: prompt logprobs come with the first)
 
     @property
     def finished(self) -> bool:
@@ -54,13 +59,15 @@ class _Parent:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, runner: Runner | None = None):
+        """`runner`: run steps on this instead of a ModelRunner built here (no tensor
+        parallelism then; the model's config and tokenizer are still read from its files)."""
         self.config = config
         path = resolve_model(config.model)
         self.model_config = ModelConfig.load(path)
         self.tokenizer = Tokenizer.load(path)
         self.tp = None  # tensor parallelism: this process is rank 0 and starts the others
-        if config.tensor_parallel_size > 1:
+        if runner is None and config.tensor_parallel_size > 1:
             from yun.distributed.parallel import start_tensor_parallel
 
             self.tp = start_tensor_parallel(config, self.model_config)
@@ -68,8 +75,8 @@ class LLMEngine:
         # not only on shutdown(): the finalizer holds the group, not the engine.
         self._release = weakref.finalize(self, self.tp.shutdown) if self.tp else None
         try:
-            self.runner = ModelRunner(self.model_config, self.tp.config if self.tp else config,
-                                      self.tp)
+            self.runner: Runner = runner or ModelRunner(
+                self.model_config, self.tp.config if self.tp else config, self.tp)
             num_blocks = self.runner.allocate_kv_cache(config.kv_cache_memory)
         except BaseException:
             if self._release is not None:
@@ -175,23 +182,12 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, prompt: str | None = None) -> None:
-        """Queue a request. Raises ValueError for input the model cannot take."""
+        """Queue a request. Raises ValueError for input the model cannot take
+        (InvalidParam, naming the field, for the prompt and its params)."""
         if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
-        n_prompt = len(prompt_token_ids)
-        if n_prompt == 0:
-            raise ValueError("the prompt is empty: at least one token is needed")
-        vocab = self.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if n_prompt >= self.max_model_len:
-            raise ValueError(f"the prompt has {n_prompt} tokens, but the model's context "
-                             f"length is {self.max_model_len} tokens")
-        room = self.max_model_len - n_prompt
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise ValueError(
-                f"the prompt ({n_prompt} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                f"the model's context length of {self.max_model_len} tokens")
+        check_prompt(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len)
+        room = self.max_model_len - len(prompt_token_ids)
         params = replace(params, _eos_token_ids=self.eos_token_ids)
         if params.guided is not None:  # ValueError for a bad grammar, before any state
             self.guided.compile(params.guided)
@@ -312,7 +308,8 @@ class LLMEngine:
                 child.finish_reason = req.status.value
                 self._forget(req.request_id)
             touched[parent_id] = parent
-        outputs = [self._make_output(p) for p in touched.values()]
+        outputs = [self._make_output(p) for p in touched.values()
+                   if p.finished or p.params.output_kind is not RequestOutputKind.FINAL_ONLY]
         for p in touched.values():
             if p.finished:
                 self._parents.pop(p.request_id, None)
@@ -333,30 +330,41 @@ class LLMEngine:
         return None
 
     def _make_output(self, parent: _Parent) -> RequestOutput:
+        """The parent's output in its kind: everything so far, or (DELTA) what is new."""
+        delta = parent.params.output_kind is RequestOutputKind.DELTA
         outs = []
         for i, c in enumerate(parent.children):
             req = c.request
+            text = c.detok.output_text(c.finish_reason is not None)
+            start = c.tokens_sent if delta else 0
+            if delta:
+                text = text[c.text_sent:]
+                c.text_sent += len(text)
+                c.tokens_sent = req.num_output_tokens
             outs.append(CompletionOutput(
                 index=i,
-                text=c.detok.output_text(c.finish_reason is not None),
-                token_ids=list(req.output_token_ids),
+                text=text,
+                token_ids=req.output_token_ids[start:],
                 finish_reason=c.finish_reason,
                 stop_reason=req.stop_reason,
-                logprobs=self._named(req.logprobs) if parent.params.logprobs is not None else None,
+                logprobs=self._named(req.logprobs[start:])
+                if parent.params.logprobs is not None else None,
             ))
         first = parent.children[0].request
         metrics = {"arrival_time": parent.arrival}
         if first.first_token_time is not None:
             metrics["first_token_time"] = first.first_token_time
         prompt_lps = None
-        if parent.params.prompt_logprobs is not None:
+        if parent.params.prompt_logprobs is not None and not (delta and parent.sent_any):
             prompt_lps = [None if e is None else self._named([e])[0]
                           for e in first.prompt_logprobs]
+        parent.sent_any = True
         return RequestOutput(
             request_id=parent.request_id, prompt=parent.prompt,
             prompt_token_ids=parent.prompt_token_ids, outputs=outs,
             finished=parent.finished, prompt_logprobs=prompt_lps,
-            num_cached_tokens=first.num_cached_tokens, metrics=metrics)
+            num_cached_tokens=first.num_cached_tokens, metrics=metrics,
+            kind=parent.params.output_kind)
 
     def _named(self, entries: list[PositionLogprobs]) -> list[PositionLogprobs]:
         """Fill each Logprob's decoded_token (once per entry)."""

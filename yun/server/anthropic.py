@@ -345,7 +345,7 @@ class AnthropicMessages:
         the blocks' events, message_delta (stop reason, usage), message_stop. Errors
         after the 200 become an `error` event."""
         parser, blocks = prep.new_parser(), Blocks()
-        sent, started, last = 0, False, None
+        started, last = False, None
         try:
             async for out in self.serving.generate(prep.job, arrival):
                 last, c = out, out.outputs[0]
@@ -354,7 +354,7 @@ class AnthropicMessages:
                     usage = {**self._usage(out, prep), "output_tokens": 0}
                     yield event("message_start", {"message": self._message(
                         prep, [], None, None, usage)})
-                new, sent = c.text[sent:], len(c.text)
+                new = c.text  # a delta
                 deltas = parser.feed(new) if new else []
                 if c.finished:
                     deltas += parser.finish()
@@ -367,7 +367,7 @@ class AnthropicMessages:
             reason, sequence = stop_reason(last.outputs[0], blocks.blocks, stops)
             yield event("message_delta", {"delta": {"stop_reason": reason,
                                                     "stop_sequence": sequence},
-                                          "usage": self._usage(last, prep)})
+                                          "usage": self._usage(prep.job.total or last, prep)})
             yield event("message_stop", {})
         except APIError as e:
             yield event("error", {"error": e.anthropic_body()["error"]})

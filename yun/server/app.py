@@ -1,5 +1,6 @@
 """The FastAPI app: routes of the OpenAI API (plus health, metrics and tokenizer routes)
-over one AsyncEngine. The server is an adapter: it never touches torch or model state."""
+over one engine client (yun/engine/client.py: AsyncEngine or RayReplicas). The server is
+an adapter: it never touches torch or model state."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from yun.server.serving import OpenAIServing
 from yun.server.settings import ServerSettings
 
 if TYPE_CHECKING:
-    from yun.engine.async_engine import AsyncEngine
+    from yun.engine.client import EngineClient
     from yun.tenants.gate import TenantGate
 
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
@@ -58,7 +59,7 @@ def _needs_key(path: str) -> bool:
     return path.startswith("/v1/") or path.startswith(TOKENIZER_ROUTES)
 
 
-def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
+def build_app(engine: "EngineClient", settings: ServerSettings) -> FastAPI:
     """The app for `engine`. Starting it starts the engine loop; stopping it leaves the
     engine running (whoever built the engine shuts it down, see `yun.server.serve`)."""
     name = model_name(settings, engine.config.model)
@@ -137,8 +138,8 @@ def build_app(engine: "AsyncEngine", settings: ServerSettings) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         # Serving replicas (yun.distributed.ray_replicas) also report each replica's state.
-        states = engine.replica_states() if hasattr(engine, "replica_states") else None
-        extra = {} if states is None else {"replicas": states}
+        states = engine.replica_states()
+        extra = {"replicas": states} if states else {}
         if engine.is_alive:
             return JSONResponse({"status": "ok", **extra})
         err = APIError(503, "no replica is running" if extra else "the engine loop is not running")

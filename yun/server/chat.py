@@ -91,10 +91,8 @@ class ChatCompletions:
         created, n = int(time.time()), job.params.n
         states = [ChoiceState() for _ in range(n)]
         parsers = [new_parser() for _ in range(n)]
-        last: RequestOutput | None = None
-
         def chunk(choices: list[ChatChunkChoice], final_usage: Usage | None = None) -> str:
-            u = final_usage or (usage([last], [job]) if req.continuous_usage else None)
+            u = final_usage or (usage([job.total], [job]) if req.continuous_usage else None)
             return sse(ChatCompletionChunk(id=job.request_id, created=created,
                                            model=self.serving.model_name, choices=choices,
                                            usage=u).model_dump_json())
@@ -103,14 +101,13 @@ class ChatCompletions:
             for i in range(n):
                 yield chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""})])
             async for out in self.serving.generate(job, arrival):
-                last = out
                 for c in out.outputs:
                     for event in self._deltas(c, states[c.index], parsers[c.index],
                                               job.params.logprobs, chunk, plan):
                         yield event
-            if req.include_usage and last is not None:
-                yield chunk([], final_usage=await run_in_threadpool(self._usage, last, job,
-                                                                    parsers))
+            if req.include_usage and job.total is not None:
+                yield chunk([], final_usage=await run_in_threadpool(self._usage, job.total,
+                                                                    job, parsers))
             yield SSE_DONE
         except APIError as e:
             yield sse(e.body())
@@ -122,10 +119,10 @@ class ChatCompletions:
 
     def _deltas(self, c: CompletionOutput, st: ChoiceState, parser: MessageParser,
                 top: int | None, chunk: Chunk, plan: ToolPlan) -> list[str]:
-        """Events for what is new in choice `c` since the last call."""
+        """Events for choice `c`'s delta (what is new since the last output)."""
         if st.finished:
             return []
-        new_text = c.text[st.text_sent:]
+        new_text = c.text
         finished = c.finish_reason is not None
         if parser.active:
             deltas = parser.feed(new_text) if new_text else []
@@ -134,14 +131,14 @@ class ChatCompletions:
         else:
             deltas = [{"content": new_text}] if new_text else []
         lps = None
-        if top is not None and len(c.token_ids) > st.tokens_sent:
-            lps = {"content": chat_logprobs(self.tokenizer, c.token_ids[st.tokens_sent:],
-                                            (c.logprobs or [])[st.tokens_sent:], top)}
+        if top is not None and c.token_ids:
+            lps = {"content": chat_logprobs(self.tokenizer, c.token_ids, c.logprobs or [],
+                                            top)}
         if lps and not deltas:
             deltas = [{"content": ""}]
         events = [chunk([ChatChunkChoice(index=c.index, delta=d, logprobs=lps if k == 0 else None)])
                   for k, d in enumerate(deltas)]
-        st.text_sent, st.tokens_sent = len(c.text), len(c.token_ids)
+        st.tokens_sent += len(c.token_ids)
         if finished:
             st.finished = True
             reason = self._finish_reason(c.finish_reason, parser, plan)

@@ -125,7 +125,7 @@ class Completions:
 
         try:
             async for p, out in self.serving.stream_all(jobs, arrival):
-                latest[p] = out
+                latest[p] = jobs[p].total
                 for c in out.outputs:
                     choice = self._delta(req, jobs[p], out, c, states[p][c.index],
                                          p * n + c.index)
@@ -144,12 +144,10 @@ class Completions:
 
     def _delta(self, req: CompletionRequest, job: Job, out: RequestOutput, c: CompletionOutput,
                st: ChoiceState, index: int) -> CompletionChoice | None:
-        """What is new in choice `c` since the last call (the echo comes with the first)."""
+        """Choice `c`'s delta (the echo comes with the first)."""
         if st.finished:
             return None
-        text, ids, entries, reason = _visible(req, c)
-        new_text = text[st.text_sent:]
-        new_ids, new_entries = ids[st.tokens_sent:], entries[st.tokens_sent:]
+        new_text, new_ids, new_entries, reason = _visible(req, c)
         if not st.started:
             st.started = True
             if req.echo:
@@ -161,7 +159,7 @@ class Completions:
             built, st.text_offset = completion_logprobs(self.tokenizer, new_ids, new_entries,
                                                         req.logprobs, st.text_offset)
             lps = built.as_dict()
-        st.text_sent, st.tokens_sent = len(text), len(ids)
+        st.tokens_sent += len(c.token_ids)
         st.finished = reason is not None
         if not new_text and lps is None and reason is None:
             return None

@@ -1,6 +1,6 @@
 """POST /v1/embeddings: text (or token ids) in, one vector per input out.
 
-The engine computes the vectors (`AsyncEngine.embed`: one prefill-only forward, pooled
+The engine computes the vectors (`EngineClient.embed`: one prefill-only forward, pooled
 as the checkpoint's sentence-transformers config says, normalised); here the request is
 checked and tokenised, `dimensions` truncates each vector (Matryoshka-style, normalised
 again when the model normalises) and `encoding_format` picks a list of floats or base64

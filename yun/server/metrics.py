@@ -2,7 +2,8 @@
 
 Counters and histograms are fed by the server as requests finish; the engine's gauges
 (running and waiting requests, KV-cache usage, prefix-cache hit rate) are read from
-`AsyncEngine.stats` at scrape time.
+`EngineClient.stats` at scrape time; per-replica series from `replica_states()` (none
+for a single engine).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from yun.engine.async_engine import AsyncEngine
+    from yun.engine.client import EngineClient, EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
                    80.0, 160.0)
@@ -22,7 +23,7 @@ TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15,
 
 
 class ServerMetrics:
-    def __init__(self, engine: "AsyncEngine", model_name: str):
+    def __init__(self, engine: "EngineClient", model_name: str):
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter("yun_requests", "HTTP API requests by route and status code.",
                                 ["route", "status"], registry=r)
@@ -68,8 +69,7 @@ class ServerMetrics:
         info = Gauge("yun_model_info", "The served model.", ["model"], registry=r)
         info.labels(model=model_name).set(1)
         r.register(_SpecCollector(stats))
-        if hasattr(engine, "replica_states"):  # serving replicas: one series per replica
-            r.register(_ReplicaCollector(engine))
+        r.register(_ReplicaCollector(engine))  # serving replicas: one series per replica
 
     def observe_finished(self, *, prompt_tokens: int, output_tokens: int,
                          finish_reasons: list[str], ttft: float | None, e2e: float) -> None:
@@ -93,12 +93,11 @@ class _SpecCollector:
     """Speculative decoding: proposed and accepted tokens, in all and per proposal
     position, and the acceptance rates (nothing while speculation is off)."""
 
-    def __init__(self, stats):
+    def __init__(self, stats: "EngineStats"):
         self.stats = stats
 
     def collect(self):
-        proposed = list(getattr(self.stats, "spec_proposed", []) or [])
-        accepted = list(getattr(self.stats, "spec_accepted", []) or [])
+        proposed, accepted = list(self.stats.spec_proposed), list(self.stats.spec_accepted)
         if not proposed:
             return
         total_p, total_a = sum(proposed), sum(accepted)
@@ -137,7 +136,8 @@ class _SpecCollector:
 
 
 class _ReplicaCollector:
-    """Per-replica series, read from `engine.replica_states()` at scrape time."""
+    """Per-replica series, read from `engine.replica_states()` at scrape time (nothing for
+    a single engine)."""
 
     GAUGES = {
         "healthy": "1 while the replica serves.",
@@ -151,11 +151,13 @@ class _ReplicaCollector:
     COUNTERS = {"routed": "Requests routed to the replica.",
                 "restarts": "Times Ray restarted the replica."}
 
-    def __init__(self, engine):
+    def __init__(self, engine: "EngineClient"):
         self.engine = engine
 
     def collect(self):
         states = self.engine.replica_states()
+        if not states:
+            return
         for key, doc in self.GAUGES.items():
             family = GaugeMetricFamily(f"yun_replica_{key}", doc, labels=["replica"])
             for s in states:

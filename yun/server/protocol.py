@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_serializer)
 
-from yun.sampling_params import GuidedDecoding, SamplingParams
+from yun.sampling_params import GuidedDecoding, InvalidParam, SamplingParams
 from yun.server.errors import APIError, bad_request
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -350,11 +350,13 @@ def to_sampling_params(req: SamplingFields, *, max_tokens: int | None,
             guided=guided,
             logit_bias=_logit_bias(req.logit_bias),
         )
-    except ValueError as e:  # "<field> must ..., got ...": name the API's field
-        field, message = str(e).split(" ", 1)[0], str(e)
+    except InvalidParam as e:  # "<field> must ..., got ...": in the API's field names
+        field, message = e.param, str(e)
         param = {"max_tokens": max_tokens_param, "logprobs": logprobs_param,
                  "prompt_logprobs": logprobs_param}.get(field, field)
-        raise APIError(400, param + message[len(field):], param=param) from e
+        if message.startswith(field):
+            message = param + message[len(field):]
+        raise APIError(400, message, param=param) from e
 
 
 def chat_sampling_params(req: ChatCompletionRequest,

@@ -441,10 +441,10 @@ class Responses:
             snapshot = self._response(req, prep, "in_progress", [], None, created)
             yield ev("response.created", response=snapshot)
             yield ev("response.in_progress", response=snapshot)
-            sent, last = 0, None
+            last = None
             async for out in self.serving.generate(prep.job, arrival):
                 last, c = out, out.outputs[0]
-                new, sent = c.text[sent:], len(c.text)
+                new = c.text  # a delta
                 deltas = parser.feed(new) if new else []
                 if c.finished:
                     deltas += parser.finish()
@@ -454,8 +454,8 @@ class Responses:
                 raise APIError(503, "the engine stopped before the request finished")
             for text in render(blocks.close()):
                 yield text
-            resp = self._finished(req, prep, last, parser, blocks.blocks, ids, conversation,
-                                  created)
+            resp = self._finished(req, prep, prep.job.total or last, parser, blocks.blocks,
+                                  ids, conversation, created)
             kind = "response.completed" if resp["status"] == "completed" else \
                 "response.incomplete"
             yield ev(kind, response=resp)

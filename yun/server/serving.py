@@ -2,7 +2,9 @@
 generations on the engine with errors mapped to statuses and metrics recorded.
 
 A request becomes one `Job` per prompt (a chat is one prompt; a completions request may
-hold several). Each job runs `AsyncEngine.generate`, whose outputs are cumulative.
+hold several). Each job runs `EngineClient.generate` (yun/engine/client.py) asking for
+DELTA outputs: the endpoints stream what each output holds as it is, and read the sum
+so far (usage, the whole response) from `Job.total`.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from yun.engine.errors import EngineDeadError
-from yun.outputs import RequestOutput
-from yun.sampling_params import GuidedDecoding, SamplingParams
+from yun.outputs import RequestOutput, RequestOutputKind, accumulate
+from yun.engine.inputs import check_prompt
+from yun.sampling_params import GuidedDecoding, InvalidParam, SamplingParams
 from yun.server.errors import APIError, bad_request
 from yun.server.metrics import ServerMetrics
 from yun.server.prompts import render_chat
@@ -27,7 +30,7 @@ from yun.server.settings import ServerSettings
 from yun.server.streams import ClientGone, merge, unless_disconnected
 
 if TYPE_CHECKING:
-    from yun.engine.async_engine import AsyncEngine
+    from yun.engine.client import EngineClient
     from yun.tenants.gate import TenantGate, UsageMeter
 
 
@@ -41,13 +44,13 @@ class Job:
     request_id: str
     bills_output: bool = True  # False when the output is not returned (echo, max_tokens 0)
     meter: "UsageMeter | None" = None  # the tenant's usage record (set by admit)
+    total: RequestOutput | None = None  # the outputs so far, added up (set by generate)
 
 
 @dataclass
 class ChoiceState:
     """What a stream has already sent of one choice."""
 
-    text_sent: int = 0
     tokens_sent: int = 0
     text_offset: int = 0
     started: bool = False
@@ -88,7 +91,7 @@ def usage(outputs: list[RequestOutput | None], jobs: list[Job]) -> Usage:
 class OpenAIServing:
     """The engine as the endpoints see it."""
 
-    def __init__(self, engine: "AsyncEngine", settings: ServerSettings, model_name: str,
+    def __init__(self, engine: "EngineClient", settings: ServerSettings, model_name: str,
                  metrics: ServerMetrics):
         self.engine = engine
         self.settings = settings
@@ -107,7 +110,7 @@ class OpenAIServing:
         if model and model != self.model_name:
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
                            f"{self.model_name!r}", param="model", code="model_not_found")
-        served = getattr(self.engine, "task", "generate")
+        served = self.engine.task
         if task is not None and task != served:
             what = ("embeddings (/v1/embeddings) only" if served == "embed"
                     else "text generation; start it with --task embed for embeddings")
@@ -156,27 +159,12 @@ class OpenAIServing:
         return Slot(self, num_prompts)
 
     def check_prompt(self, ids: list[int], params: SamplingParams, param: str) -> None:
-        """The engine's own input checks, made before the response starts (so a stream
-        never has to report them after its 200)."""
-        n, limit = len(ids), self.engine.max_model_len
-        if n == 0:
-            raise bad_request("the prompt is empty: at least one token is needed", param)
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise bad_request(f"token id {bad} is out of range: the vocabulary has "
-                              f"{self.vocab_size} tokens", param)
-        bad = next((t for t in params.logit_bias or {} if t >= self.vocab_size), None)
-        if bad is not None:
-            raise bad_request(f"logit_bias names token id {bad}, out of range: the vocabulary "
-                              f"has {self.vocab_size} tokens", "logit_bias")
-        if n >= limit:
-            raise bad_request(f"the prompt has {n} tokens, but the model's context length "
-                              f"is {limit} tokens", param)
-        if params.max_tokens is not None and n + params.max_tokens > limit:
-            raise bad_request(
-                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) is "
-                f"{n + params.max_tokens} tokens, more than the model's context length of "
-                f"{limit} tokens", "max_tokens")
+        """The engine's own input checks (yun/engine/inputs.py), made before the response
+        starts (so a stream never has to report them after its 200)."""
+        try:
+            check_prompt(ids, params, self.vocab_size, self.engine.max_model_len, param)
+        except InvalidParam as e:
+            raise bad_request(str(e), e.param) from e
 
     async def check_guided(self, spec: GuidedDecoding, param: str | None) -> None:
         """Compile the output constraint now, in a worker thread (a 400 naming the problem
@@ -189,24 +177,29 @@ class OpenAIServing:
     # ---- generations -------------------------------------------------------------------
     async def generate(self, job: Job, arrival: float) -> AsyncIterator[RequestOutput]:
         """engine.generate with input errors as 400, a stopped engine as 503, and metrics.
-        Closing it early aborts the request in the engine at once."""
+        Yields DELTA outputs (what is new); `job.total` holds their sum. Closing it early
+        aborts the request in the engine at once."""
         first_token: float | None = None
         last: RequestOutput | None = None
         status = "cancelled"  # unless it ends or fails (below)
         if job.meter is not None:
             job.meter.job_started()
         try:
-            stream = self.engine.generate(job.prompt_ids, job.params, job.request_id,
+            params = replace(job.params, output_kind=RequestOutputKind.DELTA)
+            stream = self.engine.generate(job.prompt_ids, params, job.request_id,
                                           job.prompt_text)
             try:
                 async for out in stream:
                     if first_token is None and any(c.token_ids for c in out.outputs):
                         first_token = time.perf_counter()
-                    last = out
+                    last = job.total = accumulate(job.total, out)
                     yield out
             finally:
                 await stream.aclose()
             status = "completed" if last is not None and last.finished else "failed"
+        except InvalidParam as e:  # the engine's checks, should one not have run here
+            status = "failed"
+            raise bad_request(str(e), e.param) from e
         except ValueError as e:
             status = "failed"
             raise bad_request(str(e)) from e
@@ -256,10 +249,10 @@ class OpenAIServing:
         return merge([self.generate(j, arrival) for j in jobs])
 
     async def run_all(self, jobs: list[Job], arrival: float) -> list[RequestOutput]:
-        """The final output of every job."""
-        finals: list[RequestOutput | None] = [None] * len(jobs)
-        async for i, out in self.stream_all(jobs, arrival):
-            finals[i] = out
+        """The final output of every job (all it generated)."""
+        async for _ in self.stream_all(jobs, arrival):
+            pass
+        finals = [j.total for j in jobs]
         if any(f is None or not f.finished for f in finals):
             raise APIError(503, "the engine stopped before the request finished")
         return finals  # type: ignore[return-value]
