@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from tests.conftest import SMALL_ORDINARY
 from yun.bench.online import ClientOptions, arrival_offsets, run_workload
 from yun.bench.workloads import WorkloadOptions, make_workload
 from yun.cli import main
@@ -99,7 +100,8 @@ def test_against_yun_server(tmp_path, qwen2_path):
         with live_server(app) as url:
             code, data = _serve(tmp_path, url, "--workload", "shared-prefix",
                                 "--num-requests", "4", "--scale", "0.05", "--num-prefixes", "2",
-                                "--backend", "yun", "--request-rate", "100")
+                                "--backend", "yun", "--request-rate", "100",
+                                "--vocab-size", str(SMALL_ORDINARY))  # the tokenizer's ids
     finally:
         engine.shutdown()
     assert code == 0

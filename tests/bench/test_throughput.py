@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from tests.conftest import VOCAB
 from yun.bench.metrics import RunResult
 from yun.bench.workloads import WorkloadOptions, make_workload
 from yun.cli import main
@@ -61,7 +62,9 @@ def _check_ceilings(run: dict, roof: dict, stderr: str) -> None:
 def test_mixed_with_transformers_adds_up_and_reports_ratios(tmp_path, capsys, qwen2_path):
     data, err = _run(tmp_path, capsys, qwen2_path, "--workload", "mixed", "--num-requests", "5",
                      "--compare", "transformers")
-    expected = make_workload("mixed", WorkloadOptions(num_requests=5, scale=0.05))
+    # drawn over the model's vocabulary, as the bench draws it
+    expected = make_workload("mixed", WorkloadOptions(num_requests=5, scale=0.05,
+                                                      vocab_size=VOCAB))
     assert data["workload"]["output_tokens"] == sum(r.max_tokens for r in expected.requests)
     assert data["workload"]["prompt_tokens"] == sum(r.num_prompt_tokens
                                                     for r in expected.requests)

@@ -33,7 +33,8 @@ from yun.server import ServerSettings, build_app
 
 KV_BYTES = 4 * 2**20
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
-PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9] * (i + 1) for i in range(3)] + [[151643, 40, 1079]]
+# 4096: the small test tokenizer's <|endoftext|>
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9] * (i + 1) for i in range(3)] + [[4096, 40, 1079]]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -17,7 +17,7 @@ from yun.engine.guided import GrammarState, apply_grammar_masks
 from yun.engine.sampler import Sampler, SamplingRow
 from yun.sampling_params import GuidedDecoding
 
-PROMPT = {"prompt_token_ids": [9707, 11, 1246, 525, 498, 30]}
+PROMPT = {"prompt_token_ids": [3707, 11, 1246, 525, 498, 30]}
 V = 151936
 
 
@@ -78,7 +78,7 @@ def test_json_schema_outputs_always_validate_whatever_the_sampling(llm, batch):
 
 def test_json_object_outputs_are_objects(llm):
     params = [SamplingParams(max_tokens=100, seed=s, guided=GuidedDecoding(json_object=True))
-              for s in range(8)]
+              for s in range(16)]
     stopped = 0
     for out in llm.generate([PROMPT] * len(params), params):
         c = out.outputs[0]

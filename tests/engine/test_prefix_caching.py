@@ -11,8 +11,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 def shared_prefix_prompts(n: int, prefix_len: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    prefix = [rng.randrange(100, 150000) for _ in range(prefix_len)]
-    return [{"prompt_token_ids": prefix + [rng.randrange(100, 150000)
+    prefix = [rng.randrange(100, 4000) for _ in range(prefix_len)]
+    return [{"prompt_token_ids": prefix + [rng.randrange(100, 4000)
                                            for _ in range(rng.randint(1, 20))]}
             for _ in range(n)]
 

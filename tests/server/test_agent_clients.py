@@ -22,7 +22,7 @@ class GetWeather(BaseModel):
 
 def test_langchain_chat_anthropic_invoke_stream_and_tools(server):
     lc = pytest.importorskip("langchain_anthropic")
-    llm = lc.ChatAnthropic(model=MODEL, base_url=server.url, api_key="none", max_tokens=12,
+    llm = lc.ChatAnthropic(model=MODEL, base_url=server.url, api_key="none", max_tokens=40,
                            temperature=0, max_retries=0)
     whole = llm.invoke("Say something.")
     assert isinstance(whole.content, str) and whole.usage_metadata["output_tokens"] > 0

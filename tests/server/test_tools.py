@@ -50,6 +50,28 @@ TWO_CALLS = (r'Sure\.\n<tool_call>\n\{"name": "GetWeather", "arguments": \{"city
              r'\{"amount": [1-9][0-9]?, "to": "EUR"\}\}\n</tool_call>')
 
 
+@pytest.fixture(scope="module")
+def engine(checkpoint_factory):
+    """The session's tiny Qwen2 with a 1024-token context: the small test vocabulary spends
+    ~490 tokens on the two tools' system prompt (1.4x the real vocabulary's), and 512 would
+    leave the calls no room."""
+    from tests.server.conftest import _engine
+
+    eng = _engine(checkpoint_factory("qwen2", max_position_embeddings=1024))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    from tests.server.conftest import LiveServer
+
+    live = LiveServer(build_app(engine, ServerSettings(port=0, served_model_name=MODEL)),
+                      engine).start()
+    yield live
+    live.stop()
+
+
 def calls(message) -> list[tuple[str, dict]]:
     return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls]
 
@@ -100,7 +122,7 @@ def test_parallel_tool_calls_false_gives_one_call(client):
 
 
 def test_calls_the_model_writes_are_parsed_and_the_stream_reassembles(client):
-    kw = dict(model=MODEL, messages=CHAT, tools=TOOLS, max_tokens=120,
+    kw = dict(model=MODEL, messages=CHAT, tools=TOOLS, max_tokens=200,
               extra_body={"guided_regex": TWO_CALLS})
     for seed in range(3):
         full = client.chat.completions.create(seed=seed, **kw).choices[0]
