@@ -12,6 +12,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "bf16.h"
+
 namespace {
 
 inline __mmask16 tail_mask(int64_t n) {
@@ -55,23 +57,6 @@ inline void store(void* p, int64_t i, __m512 v, __mmask16 m) {
   }
 }
 
-// e^x for float32 lanes: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2; about 1 ulp.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
 template <bool BF16>
 void rms_norm_rows(const void* x, const void* w, void* y, int64_t rows, int64_t D, float eps) {
   const int64_t esz = BF16 ? 2 : 4;
@@ -107,7 +92,7 @@ void silu_mul_rows(const void* x, void* y, int64_t rows, int64_t I) {
         const __mmask16 m = tail_mask(I - i);
         const __m512 gv = load<BF16>(g, i, m);
         const __m512 one = _mm512_set1_ps(1.f);
-        const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, yun::exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
         store<BF16>(yr, i, _mm512_mul_ps(R<BF16>(silu), load<BF16>(u, i, m)), m);
       }
     }

@@ -13,6 +13,8 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -111,6 +113,135 @@ void decode(const T* q, const C* kc, const C* vc, const int64_t* tables, const i
   });
 }
 
+// The same attention for head_dim D = 16 * ND (32, 64, 128), with the G query heads of
+// a KV head in registers, chunk by chunk: each key is read once per chunk and its G
+// scores come from ND fused multiply-adds each; the softmax's exp runs 16 lanes at a
+// time; the weighted sum of values accumulates in registers, not in memory. Sums run in
+// the order the generic loop above uses, so only exp's last bit can differ from it.
+template <int ND>
+constexpr int64_t chunk_heads() { return ND <= 2 ? 8 : ND == 4 ? 6 : 3; }
+
+template <int ND, int GC, typename C>
+inline void scores_chunk(const float* qf, const C* kc, const int64_t* table, int64_t t0,
+                         int64_t L, int64_t BS, int64_t s_tok, int64_t s_blk, int64_t h_off,
+                         float* scores, float* mx) {
+  __m512 q[GC][ND];
+  for (int g = 0; g < GC; ++g)
+    for (int n = 0; n < ND; ++n) q[g][n] = _mm512_loadu_ps(qf + g * ND * 16 + n * 16);
+  float m[GC];
+  for (int g = 0; g < GC; ++g) m[g] = -INFINITY;
+  for (int64_t j = 0; j < L; ++j) {
+    const int64_t t = t0 + j;
+    const C* k = kc + table[t / BS] * s_blk + (t % BS) * s_tok + h_off;
+    __m512 kv[ND];
+    for (int n = 0; n < ND; ++n) kv[n] = load16(k + n * 16);
+    const float ks = row_scale(k, ND * 16);
+    for (int g = 0; g < GC; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int n = 0; n < ND; ++n) acc = _mm512_fmadd_ps(q[g][n], kv[n], acc);
+      const float sc = _mm512_reduce_add_ps(acc) * ks;
+      scores[g * L + j] = sc;
+      m[g] = std::max(m[g], sc);
+    }
+  }
+  for (int g = 0; g < GC; ++g) mx[g] = m[g];
+}
+
+template <int ND, int GC, typename C>
+inline void values_chunk(const float* p, const C* vc, const int64_t* table, int64_t t0,
+                         int64_t L, int64_t BS, int64_t s_tok, int64_t s_blk, int64_t h_off,
+                         float* acc_out) {
+  __m512 acc[GC][ND];
+  for (int g = 0; g < GC; ++g)
+    for (int n = 0; n < ND; ++n) acc[g][n] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < L; ++j) {
+    const int64_t t = t0 + j;
+    const C* v = vc + table[t / BS] * s_blk + (t % BS) * s_tok + h_off;
+    __m512 vv[ND];
+    for (int n = 0; n < ND; ++n) vv[n] = load16(v + n * 16);
+    const float vs = row_scale(v, ND * 16);
+    for (int g = 0; g < GC; ++g) {
+      const __m512 a = _mm512_set1_ps(p[g * L + j] * vs);
+      for (int n = 0; n < ND; ++n) acc[g][n] = _mm512_fmadd_ps(a, vv[n], acc[g][n]);
+    }
+  }
+  for (int g = 0; g < GC; ++g)
+    for (int n = 0; n < ND; ++n) _mm512_storeu_ps(acc_out + g * ND * 16 + n * 16, acc[g][n]);
+}
+
+// exp(s - max) over one head's L scores, in place, 16 at a time -> their sum.
+inline float softmax_numerators(float* s, int64_t L, float mx) {
+  const __m512 m = _mm512_set1_ps(mx);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; t + 16 <= L; t += 16) {
+    const __m512 e = yun::exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), m));
+    _mm512_storeu_ps(s + t, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (t < L) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (L - t)) - 1);
+    const __m512 e = yun::exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + t), m));
+    _mm512_mask_storeu_ps(s + t, tail, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+template <int ND, typename T, typename C>
+void decode_fast(const T* q, const C* kc, const C* vc, const int64_t* tables,
+                 const int64_t* lens, T* out, int64_t B, int64_t H, int64_t KvH, int64_t BS,
+                 int64_t max_blocks, float scale, int64_t window) {
+  constexpr int64_t D = ND * 16, GC = chunk_heads<ND>();
+  const int64_t G = H / KvH;
+  const int64_t s_head = D + row_extra<C>(), s_tok = KvH * s_head, s_blk = BS * s_tok;
+  at::parallel_for(0, B * KvH, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(G * D), acc(G * D), scores, mx(G), sum(G);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / KvH, h = i % KvH, len = lens[b];
+      const int64_t t0 = window > 0 && len > window ? len - window : 0, L = len - t0;
+      const int64_t* table = tables + b * max_blocks;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d)
+          qf[g * D + d] = load1(q + (b * H + h * G + g) * D + d) * scale;
+      scores.resize(G * L);
+      const int64_t h_off = h * s_head;
+      int64_t g = 0;
+      for (; g + GC <= G; g += GC)
+        scores_chunk<ND, GC>(qf.data() + g * D, kc, table, t0, L, BS, s_tok, s_blk, h_off,
+                             scores.data() + g * L, mx.data() + g);
+      for (; g < G; ++g)
+        scores_chunk<ND, 1>(qf.data() + g * D, kc, table, t0, L, BS, s_tok, s_blk, h_off,
+                            scores.data() + g * L, mx.data() + g);
+      for (g = 0; g < G; ++g) sum[g] = softmax_numerators(scores.data() + g * L, L, mx[g]);
+      for (g = 0; g + GC <= G; g += GC)
+        values_chunk<ND, GC>(scores.data() + g * L, vc, table, t0, L, BS, s_tok, s_blk, h_off,
+                             acc.data() + g * D);
+      for (; g < G; ++g)
+        values_chunk<ND, 1>(scores.data() + g * L, vc, table, t0, L, BS, s_tok, s_blk, h_off,
+                            acc.data() + g * D);
+      for (g = 0; g < G; ++g) {
+        T* o = out + (b * H + h * G + g) * D;
+        const float inv = 1.f / sum[g];
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[g * D + d] * inv);
+      }
+    }
+  });
+}
+
+// The fast path where D has one, else the generic loop.
+template <typename T, typename C>
+void decode_any(const T* q, const C* kc, const C* vc, const int64_t* tables, const int64_t* lens,
+                T* out, int64_t B, int64_t H, int64_t KvH, int64_t D, int64_t BS,
+                int64_t max_blocks, float scale, int64_t window) {
+  switch (D) {
+    case 32: return decode_fast<2>(q, kc, vc, tables, lens, out, B, H, KvH, BS, max_blocks, scale, window);
+    case 64: return decode_fast<4>(q, kc, vc, tables, lens, out, B, H, KvH, BS, max_blocks, scale, window);
+    case 128: return decode_fast<8>(q, kc, vc, tables, lens, out, B, H, KvH, BS, max_blocks, scale, window);
+    default: return decode(q, kc, vc, tables, lens, out, B, H, KvH, D, BS, max_blocks, scale, window);
+  }
+}
+
 template <typename T>
 void dispatch_cache(const torch::Tensor& q, const torch::Tensor& k_cache,
                     const torch::Tensor& v_cache, const torch::Tensor& bt,
@@ -120,12 +251,12 @@ void dispatch_cache(const torch::Tensor& q, const torch::Tensor& k_cache,
   const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
   if (k_cache.scalar_type() == at::kChar) {
-    decode<T, int8_t>(qp, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
+    decode_any<T, int8_t>(qp, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
                       bt.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), op, B, H, KvH, D, BS,
                       bt.size(1), static_cast<float>(scale), window);
   } else {
     TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
-    decode<T, T>(qp, k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), bt.data_ptr<int64_t>(),
+    decode_any<T, T>(qp, k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), bt.data_ptr<int64_t>(),
                  lens.data_ptr<int64_t>(), op, B, H, KvH, D, BS, bt.size(1),
                  static_cast<float>(scale), window);
   }
