@@ -112,6 +112,99 @@ void decode(const T* q, const C* kc, const C* vc, const int64_t* tables, const i
   });
 }
 
+// The same attention for head_dim D = 8 * ND (32, 64), as the AVX-512 build's fast path:
+// each query head's value sum in ND registers (8 of 16 at D = 64), the softmax's exp
+// 8 lanes at a time, sums in the generic loop's order (only exp's last bit can differ).
+template <int ND, typename C>
+inline float head_scores(const float* qf, const C* kc, const int64_t* table, int64_t t0,
+                         int64_t L, int64_t BS, int64_t s_tok, int64_t s_blk, int64_t h_off,
+                         float* scores) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < L; ++j) {
+    const int64_t t = t0 + j;
+    const C* k = kc + table[t / BS] * s_blk + (t % BS) * s_tok + h_off;
+    __m256 acc = _mm256_setzero_ps();
+    for (int n = 0; n < ND; ++n) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qf + n * 8), load8(k + n * 8), acc);
+    const float sc = yun2::hsum(acc) * row_scale(k, ND * 8);
+    scores[j] = sc;
+    m = std::max(m, sc);
+  }
+  return m;
+}
+
+inline float softmax_numerators(float* s, int64_t L, float mx) {
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= L; t += 8) {
+    const __m256 e = yun2::exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+    _mm256_storeu_ps(s + t, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  float total = yun2::hsum(sum);
+  for (; t < L; ++t) {  // the tail, lane by lane through the same polynomial
+    const float e = _mm256_cvtss_f32(yun2::exp256(_mm256_set1_ps(s[t] - mx)));
+    s[t] = e;
+    total += e;
+  }
+  return total;
+}
+
+template <int ND, typename C>
+inline void head_values(const float* p, const C* vc, const int64_t* table, int64_t t0,
+                        int64_t L, int64_t BS, int64_t s_tok, int64_t s_blk, int64_t h_off,
+                        float* acc_out) {
+  __m256 acc[ND];
+  for (int n = 0; n < ND; ++n) acc[n] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < L; ++j) {
+    const int64_t t = t0 + j;
+    const C* v = vc + table[t / BS] * s_blk + (t % BS) * s_tok + h_off;
+    const __m256 a = _mm256_set1_ps(p[j] * row_scale(v, ND * 8));
+    for (int n = 0; n < ND; ++n) acc[n] = _mm256_fmadd_ps(a, load8(v + n * 8), acc[n]);
+  }
+  for (int n = 0; n < ND; ++n) _mm256_storeu_ps(acc_out + n * 8, acc[n]);
+}
+
+template <int ND, typename T, typename C>
+void decode_fast(const T* q, const C* kc, const C* vc, const int64_t* tables,
+                 const int64_t* lens, T* out, int64_t B, int64_t H, int64_t KvH, int64_t BS,
+                 int64_t max_blocks, float scale, int64_t window) {
+  constexpr int64_t D = ND * 8;
+  const int64_t G = H / KvH;
+  const int64_t s_head = D + row_extra<C>(), s_tok = KvH * s_head, s_blk = BS * s_tok;
+  at::parallel_for(0, B * KvH, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(D), acc(D), scores;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / KvH, h = i % KvH, len = lens[b];
+      const int64_t t0 = window > 0 && len > window ? len - window : 0, L = len - t0;
+      const int64_t* table = tables + b * max_blocks;
+      scores.resize(L);
+      for (int64_t g = 0; g < G; ++g) {
+        const T* qg = q + (b * H + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) qf[d] = load1(qg + d) * scale;
+        const float mx = head_scores<ND>(qf.data(), kc, table, t0, L, BS, s_tok, s_blk,
+                                         h * s_head, scores.data());
+        const float inv = 1.f / softmax_numerators(scores.data(), L, mx);
+        head_values<ND>(scores.data(), vc, table, t0, L, BS, s_tok, s_blk, h * s_head,
+                        acc.data());
+        T* o = out + (b * H + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] * inv);
+      }
+    }
+  });
+}
+
+template <typename T, typename C>
+void decode_any(const T* q, const C* kc, const C* vc, const int64_t* tables, const int64_t* lens,
+                T* out, int64_t B, int64_t H, int64_t KvH, int64_t D, int64_t BS,
+                int64_t max_blocks, float scale, int64_t window) {
+  switch (D) {
+    case 32: return decode_fast<4>(q, kc, vc, tables, lens, out, B, H, KvH, BS, max_blocks, scale, window);
+    case 64: return decode_fast<8>(q, kc, vc, tables, lens, out, B, H, KvH, BS, max_blocks, scale, window);
+    default: return decode(q, kc, vc, tables, lens, out, B, H, KvH, D, BS, max_blocks, scale, window);
+  }
+}
+
 template <typename T>
 void dispatch_cache(const torch::Tensor& q, const torch::Tensor& k_cache,
                     const torch::Tensor& v_cache, const torch::Tensor& bt,
@@ -121,12 +214,12 @@ void dispatch_cache(const torch::Tensor& q, const torch::Tensor& k_cache,
   const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
   if (k_cache.scalar_type() == at::kChar) {
-    decode<T, int8_t>(qp, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
+    decode_any<T, int8_t>(qp, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
                       bt.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), op, B, H, KvH, D, BS,
                       bt.size(1), static_cast<float>(scale), window);
   } else {
     TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
-    decode<T, T>(qp, k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), bt.data_ptr<int64_t>(),
+    decode_any<T, T>(qp, k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), bt.data_ptr<int64_t>(),
                  lens.data_ptr<int64_t>(), op, B, H, KvH, D, BS, bt.size(1),
                  static_cast<float>(scale), window);
   }
