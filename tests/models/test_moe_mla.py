@@ -214,14 +214,16 @@ V3_CONFIG: dict[str, Any] = {  # deepseek-ai/DeepSeek-V3 config.json, the fields
 
 
 def test_v3_cache_is_576_values_per_layer_71x_smaller_than_mha():
-    from yun.config import ModelConfig
+    from yun.config import EngineConfig, ModelConfig
     from yun.engine.runner import ModelRunner
     from yun.models.deepseek_v3 import DeepseekV3ForCausalLM, is_moe_layer
 
     cfg = ModelConfig.from_dict(V3_CONFIG)
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(cfg)
-    runner = SimpleNamespace(model=model, dtype=torch.bfloat16, model_config=cfg)
+    runner = SimpleNamespace(model=model, dtype=torch.bfloat16, model_config=cfg,
+                             config=EngineConfig())
+    runner.kv_cache_spec = lambda n: ModelRunner.kv_cache_spec(runner, n)
     mla = ModelRunner.kv_bytes_per_token(runner)  # what the runner allocates per token
     assert mla == (512 + 64) * 61 * 2 == 70_272  # 68.6 KiB
     mha = 61 * 128 * ((128 + 64) + 128) * 2  # K (nope + rope) and V for every head
