@@ -103,7 +103,8 @@ def test_avx2_gemm_of_empty_shapes():
 
 @needs_avx2
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("H,KvH,D", [(14, 2, 64), (4, 4, 32), (8, 1, 24), (6, 3, 20), (2, 1, 5)])
+@pytest.mark.parametrize("H,KvH,D", [(14, 2, 64), (4, 4, 32), (4, 2, 128), (8, 1, 24), (6, 3, 20),
+                                     (2, 1, 5)])
 def test_avx2_paged_decode_attention_matches_sdpa_path(dtype, tol, H, KvH, D):
     from yun.layers import attention
     from yun.layers.context import AttentionMetadata

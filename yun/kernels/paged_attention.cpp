@@ -43,6 +43,14 @@ inline float row_scale(const int8_t* row, int64_t D) {
 template <typename C> constexpr int64_t row_extra() { return 0; }
 template <> constexpr int64_t row_extra<int8_t>() { return 4; }
 
+// The cache row of position t for the head at offset h_off, through the block table (the
+// cache is [NB, BS, KvH, row] with strides s_blk, s_tok).
+template <typename C>
+inline const C* cache_row(const C* cache, const int64_t* table, int64_t t, int64_t BS,
+                          int64_t s_tok, int64_t s_blk, int64_t h_off) {
+  return cache + table[t / BS] * s_blk + (t % BS) * s_tok + h_off;
+}
+
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t D) {
   int64_t d = 0;
@@ -83,7 +91,7 @@ void decode(const T* q, const C* kc, const C* vc, const int64_t* tables, const i
       std::vector<float> mx(G, -INFINITY), sum(G, 0.f);
       for (int64_t j = 0; j < L; ++j) {
         const int64_t t = t0 + j;
-        const C* k = kc + table[t / BS] * s_blk + (t % BS) * s_tok + h * s_head;
+        const C* k = cache_row(kc, table, t, BS, s_tok, s_blk, h * s_head);
         const float ks = row_scale(k, D);
         for (int64_t g = 0; g < G; ++g) {
           const float s = dot(qf.data() + g * D, k, D) * ks;
@@ -100,7 +108,7 @@ void decode(const T* q, const C* kc, const C* vc, const int64_t* tables, const i
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < L; ++j) {
         const int64_t t = t0 + j;
-        const C* v = vc + table[t / BS] * s_blk + (t % BS) * s_tok + h * s_head;
+        const C* v = cache_row(vc, table, t, BS, s_tok, s_blk, h * s_head);
         const float vs = row_scale(v, D);
         for (int64_t g = 0; g < G; ++g) axpy(scores[g * L + j] * vs, v, acc.data() + g * D, D);
       }
@@ -132,7 +140,7 @@ inline void scores_chunk(const float* qf, const C* kc, const int64_t* table, int
   for (int g = 0; g < GC; ++g) m[g] = -INFINITY;
   for (int64_t j = 0; j < L; ++j) {
     const int64_t t = t0 + j;
-    const C* k = kc + table[t / BS] * s_blk + (t % BS) * s_tok + h_off;
+    const C* k = cache_row(kc, table, t, BS, s_tok, s_blk, h_off);
     __m512 kv[ND];
     for (int n = 0; n < ND; ++n) kv[n] = load16(k + n * 16);
     const float ks = row_scale(k, ND * 16);
@@ -156,7 +164,7 @@ inline void values_chunk(const float* p, const C* vc, const int64_t* table, int6
     for (int n = 0; n < ND; ++n) acc[g][n] = _mm512_setzero_ps();
   for (int64_t j = 0; j < L; ++j) {
     const int64_t t = t0 + j;
-    const C* v = vc + table[t / BS] * s_blk + (t % BS) * s_tok + h_off;
+    const C* v = cache_row(vc, table, t, BS, s_tok, s_blk, h_off);
     __m512 vv[ND];
     for (int n = 0; n < ND; ++n) vv[n] = load16(v + n * 16);
     const float vs = row_scale(v, ND * 16);

@@ -42,6 +42,14 @@ inline float row_scale(const int8_t* row, int64_t D) {
 template <typename C> constexpr int64_t row_extra() { return 0; }
 template <> constexpr int64_t row_extra<int8_t>() { return 4; }
 
+// The cache row of position t for the head at offset h_off, through the block table (the
+// cache is [NB, BS, KvH, row] with strides s_blk, s_tok).
+template <typename C>
+inline const C* cache_row(const C* cache, const int64_t* table, int64_t t, int64_t BS,
+                          int64_t s_tok, int64_t s_blk, int64_t h_off) {
+  return cache + table[t / BS] * s_blk + (t % BS) * s_tok + h_off;
+}
+
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t D) {
   int64_t d = 0;
@@ -82,7 +90,7 @@ void decode(const T* q, const C* kc, const C* vc, const int64_t* tables, const i
       std::vector<float> mx(G, -INFINITY), sum(G, 0.f);
       for (int64_t j = 0; j < L; ++j) {
         const int64_t t = t0 + j;
-        const C* k = kc + table[t / BS] * s_blk + (t % BS) * s_tok + h * s_head;
+        const C* k = cache_row(kc, table, t, BS, s_tok, s_blk, h * s_head);
         const float ks = row_scale(k, D);
         for (int64_t g = 0; g < G; ++g) {
           const float s = dot(qf.data() + g * D, k, D) * ks;
@@ -99,7 +107,7 @@ void decode(const T* q, const C* kc, const C* vc, const int64_t* tables, const i
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < L; ++j) {
         const int64_t t = t0 + j;
-        const C* v = vc + table[t / BS] * s_blk + (t % BS) * s_tok + h * s_head;
+        const C* v = cache_row(vc, table, t, BS, s_tok, s_blk, h * s_head);
         const float vs = row_scale(v, D);
         for (int64_t g = 0; g < G; ++g) axpy(scores[g * L + j] * vs, v, acc.data() + g * D, D);
       }
@@ -112,7 +120,7 @@ void decode(const T* q, const C* kc, const C* vc, const int64_t* tables, const i
   });
 }
 
-// The same attention for head_dim D = 8 * ND (32, 64), as the AVX-512 build's fast path:
+// The same attention for head_dim D = 8 * ND (32, 64, 128), as the AVX-512 build's fast path:
 // each query head's value sum in ND registers (8 of 16 at D = 64), the softmax's exp
 // 8 lanes at a time, sums in the generic loop's order (only exp's last bit can differ).
 template <int ND, typename C>
@@ -122,7 +130,7 @@ inline float head_scores(const float* qf, const C* kc, const int64_t* table, int
   float m = -INFINITY;
   for (int64_t j = 0; j < L; ++j) {
     const int64_t t = t0 + j;
-    const C* k = kc + table[t / BS] * s_blk + (t % BS) * s_tok + h_off;
+    const C* k = cache_row(kc, table, t, BS, s_tok, s_blk, h_off);
     __m256 acc = _mm256_setzero_ps();
     for (int n = 0; n < ND; ++n) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qf + n * 8), load8(k + n * 8), acc);
     const float sc = yun2::hsum(acc) * row_scale(k, ND * 8);
@@ -150,19 +158,22 @@ inline float softmax_numerators(float* s, int64_t L, float mx) {
   return total;
 }
 
-template <int ND, typename C>
+// The value sums of lanes [8 * N0, 8 * (N0 + NP)) of a D = 8 * ND head: NP registers. At
+// D = 128 the 16 sums would take every AVX2 register, so they run as two halves of 8
+// (each half re-reads its values; the order of each lane's sum is unchanged).
+template <int ND, int NP, int N0, typename C>
 inline void head_values(const float* p, const C* vc, const int64_t* table, int64_t t0,
                         int64_t L, int64_t BS, int64_t s_tok, int64_t s_blk, int64_t h_off,
                         float* acc_out) {
-  __m256 acc[ND];
-  for (int n = 0; n < ND; ++n) acc[n] = _mm256_setzero_ps();
+  __m256 acc[NP];
+  for (int n = 0; n < NP; ++n) acc[n] = _mm256_setzero_ps();
   for (int64_t j = 0; j < L; ++j) {
     const int64_t t = t0 + j;
-    const C* v = vc + table[t / BS] * s_blk + (t % BS) * s_tok + h_off;
+    const C* v = cache_row(vc, table, t, BS, s_tok, s_blk, h_off);
     const __m256 a = _mm256_set1_ps(p[j] * row_scale(v, ND * 8));
-    for (int n = 0; n < ND; ++n) acc[n] = _mm256_fmadd_ps(a, load8(v + n * 8), acc[n]);
+    for (int n = 0; n < NP; ++n) acc[n] = _mm256_fmadd_ps(a, load8(v + (N0 + n) * 8), acc[n]);
   }
-  for (int n = 0; n < ND; ++n) _mm256_storeu_ps(acc_out + n * 8, acc[n]);
+  for (int n = 0; n < NP; ++n) _mm256_storeu_ps(acc_out + (N0 + n) * 8, acc[n]);
 }
 
 template <int ND, typename T, typename C>
@@ -185,8 +196,16 @@ void decode_fast(const T* q, const C* kc, const C* vc, const int64_t* tables,
         const float mx = head_scores<ND>(qf.data(), kc, table, t0, L, BS, s_tok, s_blk,
                                          h * s_head, scores.data());
         const float inv = 1.f / softmax_numerators(scores.data(), L, mx);
-        head_values<ND>(scores.data(), vc, table, t0, L, BS, s_tok, s_blk, h * s_head,
-                        acc.data());
+        if constexpr (ND <= 8) {
+          head_values<ND, ND, 0>(scores.data(), vc, table, t0, L, BS, s_tok, s_blk,
+                                 h * s_head, acc.data());
+        } else {
+          static_assert(ND % 2 == 0, "split value sums need an even register count");
+          head_values<ND, ND / 2, 0>(scores.data(), vc, table, t0, L, BS, s_tok, s_blk,
+                                     h * s_head, acc.data());
+          head_values<ND, ND / 2, ND / 2>(scores.data(), vc, table, t0, L, BS, s_tok, s_blk,
+                                          h * s_head, acc.data());
+        }
         T* o = out + (b * H + h * G + g) * D;
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] * inv);
       }
@@ -201,6 +220,7 @@ void decode_any(const T* q, const C* kc, const C* vc, const int64_t* tables, con
   switch (D) {
     case 32: return decode_fast<4>(q, kc, vc, tables, lens, out, B, H, KvH, BS, max_blocks, scale, window);
     case 64: return decode_fast<8>(q, kc, vc, tables, lens, out, B, H, KvH, BS, max_blocks, scale, window);
+    case 128: return decode_fast<16>(q, kc, vc, tables, lens, out, B, H, KvH, BS, max_blocks, scale, window);
     default: return decode(q, kc, vc, tables, lens, out, B, H, KvH, D, BS, max_blocks, scale, window);
   }
 }
