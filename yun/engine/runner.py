@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -65,12 +66,14 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_config, config.dtype, self.device)
         if config.quantization and config.dtype == "auto" and self.device.type == "cpu":
             self.dtype = torch.float32  # as for quantized GGUF files: activations in fp32
-        self.model = load_model(model_config, self.dtype, self.device, config.quantization)
-        self.tp = tp  # tensor parallelism: this rank keeps its shard of every weight
+        self.tp = tp  # tensor parallelism: this rank reads only its shard of each weight
+        shard = None
         if tp is not None:
             from yun.distributed.tp import shard_model
 
-            shard_model(self.model, tp)
+            shard = partial(shard_model, tp=tp)
+        self.model = load_model(model_config, self.dtype, self.device, config.quantization,
+                                shard=shard)
         if self.device.type == "cpu":
             place_in_huge_pages(self.model)
         self.has_quantized_weights = any(isinstance(m, QuantWeight) for m in self.model.modules())
