@@ -7,7 +7,7 @@ two ranks."""
 from __future__ import annotations
 
 import math
-from functools import partial
+import os
 
 import pytest
 import torch
@@ -108,7 +108,6 @@ def test_a_safetensors_cut_reads_each_span(qwen2_path):
 
     from yun.models.slices import SafetensorsEntry, spans
 
-    import os
     f = safe_open(os.path.join(qwen2_path, "model.safetensors"), "pt", device="cpu")
     name = "model.layers.0.mlp.gate_proj.weight"
     entry, full = SafetensorsEntry(f, name), f.get_tensor(name)
