@@ -120,7 +120,7 @@ def load_mtp(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
 
     index = mtp_layer_index(cfg)
     files = checkpoint_files(cfg.path)
-    model, _ = build_empty_model(cfg, dtype, device, cfg.path, cls=DeepseekV3MTP)
+    model = build_empty_model(cfg, dtype, device, cfg.path, cls=DeepseekV3MTP)
     load_tensors(model, mtp_tensors(iter_tensors(files), index),
                  f"{cfg.path} (MTP layer model.layers.{index})", quantize_to=quantization)
     return model.eval()

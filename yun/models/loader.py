@@ -269,22 +269,23 @@ def resolve_dtype(cfg: ModelConfig, dtype: str, device: torch.device) -> torch.d
 
 def build_empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                       label: str, cls: type[nn.Module] | None = None,
-                      shard: Shard | None = None) -> tuple[nn.Module, dict[str, Cut]]:
+                      shard: Shard | None = None) -> nn.Module:
     """The model's modules (of `cls`, default: the architecture's class) with
     uninitialised weights on `device` (no time spent on random init), computed buffers
     (rope tables) built. `shard` reshapes the model to one tensor-parallel rank's share
-    while it is still on the meta device; its cuts come back (empty without one)."""
+    while it is still on the meta device."""
     cls = cls or model_class(cfg.architecture, label)
     with torch.device("meta"):
         model = cls(cfg)
-    cuts = shard(model) if shard is not None else {}
+    if shard is not None:
+        shard(model)
     model = model.to_empty(device=device).to(dtype=dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     for module in model.modules():  # computed buffers are not in checkpoints
         if hasattr(module, "build_buffers"):
             module.build_buffers(device)
-    return model, cuts
+    return model
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
@@ -293,17 +294,24 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
     `quantization` quantizes an HF checkpoint's dense weights while loading; `shard`
     (tensor parallelism) keeps one rank's share, reading only that part of each sharded
     tensor. `model.weight_bytes_read` is the bytes of checkpoint tensors it read."""
+    cuts: dict[str, Cut] = {}
+
+    def shaped(model: nn.Module) -> dict[str, Cut]:
+        cuts.update(shard(model))
+        return cuts
+
+    shaping = shaped if shard is not None else None
     if cfg.is_gguf:  # quantized tensors stay quantized
         from yun.models.gguf_file import open_gguf
         from yun.models.gguf_loader import gguf_tensors
 
-        model, cuts = build_empty_model(cfg, dtype, device, cfg.path, shard=shard)
+        model = build_empty_model(cfg, dtype, device, cfg.path, shard=shaping)
         read = load_tensors(model, gguf_tensors(open_gguf(cfg.path), cfg), cfg.path,
                             keep_quantized=True, cuts=cuts)
     else:
         files = checkpoint_files(cfg.path)
-        model, cuts = build_empty_model(cfg, dtype, device,
-                                        os.path.join(cfg.path, "config.json"), shard=shard)
+        model = build_empty_model(cfg, dtype, device, os.path.join(cfg.path, "config.json"),
+                                  shard=shaping)
         read = load_tensors(model, iter_tensors(files), os.path.dirname(files[0]),
                             quantize_to=quantization, cuts=cuts)
     model.weight_bytes_read = read
