@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -57,11 +58,12 @@ def instrument(llm: LLM, timers: Timers) -> None:
                                         runner.model.compute_logits)
     runner.sampler = timed(timers, "sampler", runner.sampler)
     runner.execute = timed(timers, "runner.execute (all)", runner.execute)
-    # The runner installs its kernels before each forward pass: time them where it keeps them.
-    bf16, decode, fused_ops, quant = runner.kernels
-    runner.kernels = (bf16, None if decode is None else timed(timers, "decode attention kernel", decode),
-                      fused_ops, None if quant is None else _TimedKernels(quant, timers))
-    runner.install_kernels()
+    # The runner's forward passes run on its backend: time the kernels it holds.
+    b = runner.backend
+    runner.backend = replace(
+        b, decode=None if b.decode is None else timed(timers, "decode attention kernel", b.decode),
+        quant=None if b.quant is None else replace(b.quant, module=_TimedKernels(b.quant.module,
+                                                                                  timers)))
 
 
 def main() -> None:

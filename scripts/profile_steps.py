@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import time
 
 from yun import LLM, SamplingParams
@@ -42,7 +43,8 @@ def main() -> None:
             return out
         return run
 
-    kernels = linear._bf16_kernels
+    runner = llm.engine.runner
+    kernels = runner.backend.bf16
     if kernels is None:
         raise SystemExit("native bf16 kernels are not in use (dtype, CPU or build)")
     few, many = kernels
@@ -55,9 +57,8 @@ def main() -> None:
             kind = "vocabulary head, " + kind
         return timed(kind, few if rows <= linear.SKINNY_MAX_ROWS else many)(x, w, b)
 
-    linear._bf16_kernels = (matmul, matmul)
+    runner.backend = dataclasses.replace(runner.backend, bf16=(matmul, matmul))
     llama.paged_attention = timed("attention", attention.paged_attention)
-    runner = llm.engine.runner
     runner.execute = timed("step (model + head + sampling)", runner.execute)
     for _, requests in workload.phases():
         for i, r in enumerate(requests):

@@ -244,21 +244,19 @@ def test_mtp_needs_the_layer(deepseek, qwen2_path):
 
 
 def test_each_runner_runs_on_its_own_kernel_choices(qwen2_path):
-    """The layers' kernel backends are process-wide: a float32 draft built after a bf16
-    target installs its own choices, and the target's forward passes put the target's
-    native bf16 matmuls back (run_model installs them first)."""
+    """Each runner holds its kernel choices in its own backend: a float32 draft built
+    after a bf16 target has no bf16 matmuls, the target keeps its native ones, and
+    nothing is installed for code outside either runner's forward passes."""
     from yun.config import EngineConfig, ModelConfig
     from yun.engine.runner import ModelRunner
-    from yun.layers.linear import bf16_backend_name
+    from yun.layers.backend import current
 
     cfg = ModelConfig.load(qwen2_path)
     target = ModelRunner(cfg, EngineConfig(model=qwen2_path, dtype="bfloat16", num_threads=1))
-    if bf16_backend_name() != "native":
+    if target.backend.bf16_name != "native":
         pytest.skip("no native bf16 kernels on this machine")
     fp32 = EngineConfig(model=qwen2_path, dtype="float32", num_threads=1)
     draft = ModelRunner(cfg, fp32, role="draft")
-    assert bf16_backend_name() == "torch"  # the draft's own (it has no bf16 weights)
-    target.install_kernels()  # what target.run_model does before each forward
-    assert bf16_backend_name() == "native"
-    draft.install_kernels()
-    assert bf16_backend_name() == "torch"
+    assert draft.backend.bf16_name == "torch"  # the draft's own (it has no bf16 weights)
+    assert target.backend.bf16_name == "native"  # untouched by the draft
+    assert current().bf16_name == "torch"

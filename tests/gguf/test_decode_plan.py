@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+from dataclasses import replace
+
 from yun import LLM, SamplingParams, kernels
-from yun.layers import attention, fused
 
 PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "1, 2, 3, 4,"]
 
@@ -48,24 +49,25 @@ def test_batched_decodes_with_different_lengths_match(default_llm):
 def test_each_native_build_runs_the_plan(default_llm, isa):
     mod = kernels.native(isa)
     runner = default_llm.engine.runner
-    before = runner.kernels
-    bf16, _, _, quant = before
-    runner.kernels = (bf16, mod.paged_decode_attention, mod, quant)  # installed per forward
+    before = runner.backend
+    runner.backend = replace(before, decode=mod.paged_decode_attention, fused=mod)
     try:
         with_plan = _generate(default_llm, True, 8)
         assert type(_plan_of(default_llm)).__module__ == mod.__name__  # rebuilt for it
-        assert fused.ops is mod and attention._decode_kernel is mod.paged_decode_attention
         assert _generate(default_llm, False, 8) == with_plan
     finally:
-        runner.kernels = before
+        runner.backend = before
 
 
 def test_another_engine_in_the_process_does_not_take_the_kernels(default_llm, qwen2_path):
-    """A dense model's engine built later installs no quantized kernels; the default
-    model's next step reinstalls its own (and its plan still runs)."""
+    """A dense model's engine built later has no quantized kernels and changes nothing of
+    the default model's: its next steps run on its own backend (and its plan still runs)."""
     want = _generate(default_llm, True, 6)
+    mine = default_llm.engine.runner.backend
     with LLM(qwen2_path, num_threads=1, dtype="float32", kv_cache_memory=32 * 2**20) as other:
         other.generate(["hi"], SamplingParams(max_tokens=2, temperature=0.0))
+        assert other.engine.runner.backend.quant is None
+        assert default_llm.engine.runner.backend is mine and mine.quant is not None
         assert _generate(default_llm, True, 6) == want
         assert _plan_of(default_llm) is not None
 

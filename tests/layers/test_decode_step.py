@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from yun import kernels
-from yun.layers import attention, fused
+from yun.layers import attention
+from yun.layers.backend import TORCH, Backend, use_backend
 from yun.layers.context import AttentionMetadata
 from yun.layers.norm import RMSNorm
 from yun.layers.rotary import apply_rope_
@@ -18,16 +19,15 @@ BUILDS = [isa for isa in kernels.ISAS if kernels.native(isa) is not None]
 pytestmark = pytest.mark.skipif(not BUILDS, reason="no native kernel build runs here")
 
 
-def _use(mod) -> None:
-    fused.set_fused_backend(mod)
-    attention.set_decode_backend(None if mod is None else mod.paged_decode_attention)
+def _use(mod):
+    """The kernels of one native build (None: pure torch), for the code inside the with."""
+    return use_backend(TORCH if mod is None else
+                       Backend(fused=mod, decode=mod.paged_decode_attention))
 
 
 @pytest.fixture(params=BUILDS)
 def build(request):
-    mod = kernels.native(request.param)
-    yield mod
-    _use(None)
+    return kernels.native(request.param)
 
 
 def _decode_batch(dtype, H, KvH, D, g):
@@ -49,14 +49,14 @@ def _decode_batch(dtype, H, KvH, D, g):
 @pytest.mark.parametrize("H,KvH,D", [(9, 3, 64), (14, 2, 64), (4, 4, 32)])
 def test_one_call_decode_attention_equals_the_separate_native_ops(build, dtype, H, KvH, D):
     qkv, cos, sin, cache, meta = _decode_batch(dtype, H, KvH, D, torch.Generator().manual_seed(D + H))
-    _use(build)
-    cache_fused, qkv_fused = cache.clone(), qkv.clone()
-    got = attention.qkv_attention(qkv_fused, H, KvH, cos, sin, cache_fused, D ** -0.5, meta)
-    # The same native kernels one at a time, as the layers ran them before.
-    heads = qkv.clone().view(-1, H + 2 * KvH, D)
-    q, k = apply_rope_(heads[:, :H + KvH], cos, sin).split([H, KvH], dim=1)
-    cache_sep = cache.clone()
-    want = attention.paged_attention(q, k, heads[:, H + KvH:], cache_sep, D ** -0.5, meta)
+    with _use(build):
+        cache_fused, qkv_fused = cache.clone(), qkv.clone()
+        got = attention.qkv_attention(qkv_fused, H, KvH, cos, sin, cache_fused, D ** -0.5, meta)
+        # The same native kernels one at a time, as the layers ran them before.
+        heads = qkv.clone().view(-1, H + 2 * KvH, D)
+        q, k = apply_rope_(heads[:, :H + KvH], cos, sin).split([H, KvH], dim=1)
+        cache_sep = cache.clone()
+        want = attention.paged_attention(q, k, heads[:, H + KvH:], cache_sep, D ** -0.5, meta)
     assert got.shape == (qkv.shape[0], H * D)
     assert torch.equal(got, want.reshape(got.shape))
     assert torch.equal(cache_fused, cache_sep)  # the new k and v in their slots, nothing else
@@ -67,11 +67,10 @@ def test_one_call_decode_attention_equals_the_separate_native_ops(build, dtype, 
 def test_one_call_decode_attention_matches_torch(build, dtype, tol):
     H, KvH, D = 9, 3, 64
     qkv, cos, sin, cache, meta = _decode_batch(dtype, H, KvH, D, torch.Generator().manual_seed(1))
-    _use(build)
-    c_native = cache.clone()
-    got = attention.qkv_attention(qkv.clone(), H, KvH, cos, sin, c_native, D ** -0.5, meta)
-    _use(None)
-    c_torch = cache.clone()
+    with _use(build):
+        c_native = cache.clone()
+        got = attention.qkv_attention(qkv.clone(), H, KvH, cos, sin, c_native, D ** -0.5, meta)
+    c_torch = cache.clone()  # outside: pure torch
     want = attention.qkv_attention(qkv.clone(), H, KvH, cos, sin, c_torch, D ** -0.5, meta)
     assert (got.float() - want.float()).abs().max().item() <= tol
     assert (c_native.float() - c_torch.float()).abs().max().item() <= tol
@@ -94,11 +93,10 @@ def test_add_rms_norm_equals_the_add_then_the_norm(build, dtype, shape):
     norm = RMSNorm(shape[-1], eps=1e-5).to(dtype)
     norm.weight.data = torch.randn(shape[-1], generator=g).to(dtype)
     x, res = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
-    _use(build)
-    s, y = norm.add_forward(x, res)
-    assert torch.equal(s, res + x)
-    assert torch.equal(y, norm(res + x))  # the same native norm, one call
-    _use(None)
+    with _use(build):
+        s, y = norm.add_forward(x, res)
+        assert torch.equal(s, res + x)
+        assert torch.equal(y, norm(res + x))  # the same native norm, one call
     s_t, y_t = norm.add_forward(x, res)
     assert torch.equal(s_t, s)
     eps = torch.finfo(dtype).eps

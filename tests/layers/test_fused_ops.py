@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from yun import kernels
 from yun.layers import fused
+from yun.layers.backend import TORCH, Backend, use_backend
 from yun.layers.activation import silu_and_mul
 from yun.layers.norm import RMSNorm
 from yun.layers.rotary import apply_rope, apply_rope_
@@ -26,9 +27,8 @@ def ulps(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture
 def native():
-    fused.set_fused_backend(ops)
-    yield
-    fused.set_fused_backend(None)
+    with use_backend(Backend(fused=ops)):
+        yield
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -39,8 +39,8 @@ def test_rms_norm_matches_torch(native, dtype, shape):
     norm.weight.data = torch.randn(shape[-1], generator=g).to(dtype)
     x = (torch.randn(shape, generator=g) * 3).to(dtype)
     got = norm(x)
-    fused.set_fused_backend(None)
-    want = norm(x)
+    with use_backend(TORCH):
+        want = norm(x)
     assert got.dtype == want.dtype and got.shape == want.shape
     # Only the sum of squares' order and the reciprocal square root's rounding differ;
     # two roundings follow (x * s, weight * h): a few ulps of the dtype at most.
@@ -82,12 +82,9 @@ def test_rope_in_place_matches_torch_on_views(native, dtype, T, H, D):
 
 
 def test_layers_fall_back_to_torch_without_the_kernels():
-    fused.set_fused_backend(None)
     x = torch.randn(2, 8)
     assert torch.equal(silu_and_mul(x), F.silu(x[:, :4]) * x[:, 4:])
-    assert not fused.usable(x)
-    fused.set_fused_backend(ops)
-    try:
+    assert not fused.usable(x)  # outside any engine: the pure-torch backend
+    with use_backend(Backend(fused=ops)):
         assert fused.usable(x) and not fused.usable(x.half())
-    finally:
-        fused.set_fused_backend(None)
+    assert not fused.usable(x)  # nothing stays installed

@@ -57,6 +57,7 @@ def test_fused_decode_step_writes_the_rows_torch_writes(isa):
     if mod is None:
         pytest.skip(f"no {isa} build on this CPU")
     from yun.layers import attention
+    from yun.layers.backend import TORCH, use_backend
     from yun.layers.context import AttentionMetadata
 
     _, _, _, tables, lens = _case(torch.float32)
@@ -74,12 +75,8 @@ def test_fused_decode_step_writes_the_rows_torch_writes(isa):
     torch_cache = torch.zeros_like(native)
     span = torch.arange(tables.shape[1] * BS)
     meta = AttentionMetadata(slots, B, tables, lens, (span[None] < lens[:, None])[:, None, None])
-    before = attention._decode_kernel
-    attention.set_decode_backend(None)  # the torch path
-    try:
+    with use_backend(TORCH):  # the torch path
         want = attention.paged_attention(heads[:, :H], heads[:, H:H + KVH], heads[:, H + KVH:],
                                          torch_cache, D ** -0.5, meta)
-    finally:
-        attention.set_decode_backend(before)
     assert torch.equal(torch_cache, native)
     assert (out.view(B, H, D) - want).abs().max().item() <= 1e-5

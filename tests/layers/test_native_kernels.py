@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from yun import kernels
 from yun.layers import linear as linear_mod
+from yun.layers.backend import Backend, use_backend
 
 gemv = kernels.bf16_gemv()
 gemm = kernels.bf16_gemm()
@@ -42,8 +43,7 @@ def test_dispatch_uses_kernel_for_few_bf16_rows_and_torch_otherwise(monkeypatch)
             return fn(x, w, b)
         return run
 
-    linear_mod.set_bf16_backend((spy("few", gemv), spy("many", gemm)))
-    try:
+    with use_backend(Backend(bf16=(spy("few", gemv), spy("many", gemm)))):
         w = torch.randn(32, 64).bfloat16()
         for rows in (1, linear_mod.SKINNY_MAX_ROWS, linear_mod.SKINNY_MAX_ROWS + 1):
             x = torch.randn(rows, 64).bfloat16()
@@ -52,8 +52,8 @@ def test_dispatch_uses_kernel_for_few_bf16_rows_and_torch_otherwise(monkeypatch)
         linear_mod.linear(torch.randn(1, 64), w.float())  # fp32 never goes native
         n = linear_mod.SKINNY_MAX_ROWS
         assert calls == [("few", 1), ("few", n), ("many", n + 1)]
-    finally:
-        linear_mod.set_bf16_backend(None)
+    linear_mod.linear(torch.randn(1, 64).bfloat16(), w)  # outside: torch
+    assert len(calls) == 3
 
 
 @needs_kernel
@@ -93,11 +93,8 @@ def test_paged_decode_kernel_matches_sdpa_path(dtype, tol, H, KvH, D):
     meta = AttentionMetadata(slots, B, tables, lens, mask)
     outs = []
     for fn in (decode_kernel, None):
-        attention.set_decode_backend(fn)
-        try:
+        with use_backend(Backend(decode=fn)):
             outs.append(attention.paged_attention(q, k, k, cache.clone(), D ** -0.5, meta))
-        finally:
-            attention.set_decode_backend(None)
     assert (outs[0].float() - outs[1].float()).abs().max().item() <= tol
 
 

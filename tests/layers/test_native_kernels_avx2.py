@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from yun import kernels
 from yun.layers import fused
+from yun.layers.backend import TORCH, Backend, use_backend
 from yun.layers.activation import silu_and_mul
 from yun.layers.norm import RMSNorm
 from yun.layers.rotary import apply_rope, apply_rope_
@@ -121,11 +122,8 @@ def test_avx2_paged_decode_attention_matches_sdpa_path(dtype, tol, H, KvH, D):
     meta = AttentionMetadata(slots, B, tables, lens, mask)
     outs = []
     for fn in (mod.paged_decode_attention, None):
-        attention.set_decode_backend(fn)
-        try:
+        with use_backend(Backend(decode=fn)):
             outs.append(attention.paged_attention(q, k, k, cache.clone(), D ** -0.5, meta))
-        finally:
-            attention.set_decode_backend(None)
     assert (outs[0].float() - outs[1].float()).abs().max().item() <= tol
 
 
@@ -137,9 +135,8 @@ def ulps(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture
 def avx2_fused():
-    fused.set_fused_backend(mod)
-    yield
-    fused.set_fused_backend(None)
+    with use_backend(Backend(fused=mod)):
+        yield
 
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -154,8 +151,8 @@ def test_avx2_rms_norm_matches_torch(avx2_fused, dtype, shape):
     norm.weight.data = torch.randn(shape[-1], generator=g).to(dtype)
     x = (torch.randn(shape, generator=g) * 3).to(dtype)
     got = norm(x)
-    fused.set_fused_backend(None)
-    want = norm(x)
+    with use_backend(TORCH):
+        want = norm(x)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert ulps(got, want) <= 3.01  # the sum's order and rsqrt's rounding, then 2 roundings
 
@@ -219,13 +216,12 @@ def test_forced_avx2_engine_greedy_tokens_equal_torch_fallback(qwen2_path, dtype
                   native_kernels=isa is not None, kernel_isa=isa or "auto",
                   max_num_batched_tokens=32)
         try:
-            if isa is not None:  # the runner installed the AVX2 build, not the best one
-                from yun.layers import attention, fused as fused_mod, linear
-
-                assert fused_mod.ops is mod
-                assert attention._decode_kernel is mod.paged_decode_attention
-                assert (linear._bf16_kernels == (mod.gemv_bf16, mod.gemm_bf16)
-                        if dtype == "bfloat16" else linear._bf16_kernels is None)
+            if isa is not None:  # the runner chose the AVX2 build, not the best one
+                backend = llm.engine.runner.backend
+                assert backend.fused is mod
+                assert backend.decode is mod.paged_decode_attention
+                assert (backend.bf16 == (mod.gemv_bf16, mod.gemm_bf16)
+                        if dtype == "bfloat16" else backend.bf16 is None)
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
             tokens[isa] = [o.outputs[0].token_ids for o in outs]
         finally:

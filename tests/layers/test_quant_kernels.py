@@ -11,6 +11,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from yun.layers import quantized as qmod
+from yun.layers.backend import TORCH, Backend, QuantKernels, current, use_backend
 from yun.layers.quantized import QT, block_info, dequantize, dequantize_rows
 
 QUANTIZABLE = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]  # gguf-py can quantize these
@@ -83,14 +84,13 @@ def test_unsupported_types_and_bad_shapes_raise_value_errors_that_name_them():
 
 
 def test_torch_fallback_matmul_is_dequantize_then_float32_linear():
-    qmod.set_quant_backend(None)
     data = torch.from_numpy(random_weight(QT.Q5_1, 12, 64))
     x, b = torch.randn(3, 64), torch.randn(12)
     w = dequantize(data, QT.Q5_1, 64)
     assert torch.equal(qmod.quant_matmul(x, data, QT.Q5_1, 64, b), torch.nn.functional.linear(x, w, b))
     y = qmod.quant_matmul(x.bfloat16(), data, QT.Q5_1, 64)
     assert y.dtype == torch.bfloat16 and y.shape == (3, 12)
-    assert qmod.quant_backend_name() == "torch"
+    assert current().quant_name == "torch"  # outside any engine
 
 
 # --- native kernels ---------------------------------------------------------------------------
@@ -270,63 +270,62 @@ class Spy:
         return self.module.matmul(x, w, qtype, k, bias, isa, activations)
 
 
-@pytest.fixture
-def restore_backend():
-    yield
-    qmod.set_quant_backend(None)
+def quant_backend(module, **how) -> Backend:
+    return Backend(quant=QuantKernels.choose(module, **how))
 
 
 @needs_native
 @pytest.mark.parametrize("isa", PATHS)
-def test_set_quant_backend_forces_each_path_and_none_falls_back_to_torch(isa, restore_backend):
+def test_a_backend_forces_each_path_and_none_falls_back_to_torch(isa):
     data = torch.from_numpy(random_weight(QT.Q6_K, 24, 256))
     x = torch.randn(2, 3, 256)  # leading dims are kept
     bias = torch.randn(24)
     spy = Spy(native)
-    qmod.set_quant_backend(spy, isa=isa, activations="int8")
-    assert qmod.quant_backend_name() == f"{isa}/int8"
-    y = qmod.quant_matmul(x, data, QT.Q6_K, 256, bias)
+    backend = quant_backend(spy, isa=isa, activations="int8")
+    assert backend.quant_name == f"{isa}/int8"
+    with use_backend(backend):
+        y = qmod.quant_matmul(x, data, QT.Q6_K, 256, bias)
     assert spy.calls == [(isa, "int8", (6, 256))] and y.shape == (2, 3, 24)
     w = dequantize(data, QT.Q6_K, 256)
     want = torch.nn.functional.linear(x, w, bias)
     assert ((y - want).norm() / want.norm()).item() <= 2e-2
-    qmod.set_quant_backend(None)
-    assert qmod.quant_backend_name() == "torch"
+    assert current().quant_name == "torch"  # left the with: nothing stays installed
     assert torch.equal(qmod.quant_matmul(x, data, QT.Q6_K, 256, bias), want)
+    with use_backend(TORCH):
+        assert torch.equal(qmod.quant_matmul(x, data, QT.Q6_K, 256, bias), want)
     assert len(spy.calls) == 1
 
 
 @needs_native
-def test_default_backend_path_is_the_best_this_cpu_runs(restore_backend):
-    qmod.set_quant_backend(native)
-    assert qmod.quant_backend_name() == f"{PATHS[0]}/{qmod.ACTIVATIONS[0]}"
+def test_default_backend_path_is_the_best_this_cpu_runs():
+    assert quant_backend(native).quant_name == f"{PATHS[0]}/{qmod.ACTIVATIONS[0]}"
     if cpu.cpu_features() or PATHS == ["scalar"]:  # /proc/cpuinfo readable
         assert cpu.quant_path() == PATHS[0]
     assert cpu.describe(PATHS[0]).endswith(f"quantized matmul: {PATHS[0]}")
     with pytest.raises(ValueError, match="cannot run on this CPU"):
-        qmod.set_quant_backend(native, isa="avx9000")
+        quant_backend(native, isa="avx9000")
 
 
 @needs_native
-def test_set_quant_backend_passes_its_activation_mode_and_rejects_unknown_ones(restore_backend):
+def test_a_backend_passes_its_activation_mode_and_rejects_unknown_ones():
     spy = Spy(native)
-    qmod.set_quant_backend(spy)
-    qmod.quant_matmul(torch.randn(1, 32), torch.from_numpy(random_weight(QT.Q8_0, 3, 32)),
-                      QT.Q8_0, 32)
+    with use_backend(quant_backend(spy)):
+        qmod.quant_matmul(torch.randn(1, 32), torch.from_numpy(random_weight(QT.Q8_0, 3, 32)),
+                          QT.Q8_0, 32)
     assert spy.calls == [(PATHS[0], qmod.ACTIVATIONS[0], (1, 32))]
     with pytest.raises(ValueError, match="activations must be one of int16, int8, got 'fp8'"):
-        qmod.set_quant_backend(native, activations="fp8")
+        quant_backend(native, activations="fp8")
 
 
 @needs_native
-def test_native_backend_is_used_only_for_cpu_tensors(restore_backend):
+def test_native_backend_is_used_only_for_cpu_tensors():
     spy = Spy(native)
-    qmod.set_quant_backend(spy)
     data = torch.from_numpy(random_weight(QT.Q8_0, 8, 32))
-    qmod.quant_matmul(torch.randn(1, 32), data, QT.Q8_0, 32)
-    assert len(spy.calls) == 1
-    with pytest.raises(ValueError, match="K=32"):
-        qmod.quant_matmul(torch.randn(1, 64), data, QT.Q8_0, 32)
+    with use_backend(quant_backend(spy)):
+        qmod.quant_matmul(torch.randn(1, 32), data, QT.Q8_0, 32)
+        assert len(spy.calls) == 1
+        with pytest.raises(ValueError, match="K=32"):
+            qmod.quant_matmul(torch.randn(1, 64), data, QT.Q8_0, 32)
 
 
 def test_paths_by_cpu_features():

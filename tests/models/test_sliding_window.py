@@ -53,12 +53,11 @@ def test_windows_are_read_per_layer(case):
 def test_logits_match_transformers_with_a_window_smaller_than_the_prompt(case, native):
     name, path, ref = case
     from yun import kernels
-    from yun.layers.attention import decode_backend_name
 
     if native and kernels.paged_decode_attention() is None:
         pytest.skip("no native kernel build for this CPU")
     llm = LLM(path, dtype="float32", kv_cache_memory=4 * 2**20, native_kernels=native)
-    assert decode_backend_name() == ("native" if native else "torch")
+    assert llm.engine.runner.backend.decode_name == ("native" if native else "torch")
     ids = _ids(70, 5)
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0].float()

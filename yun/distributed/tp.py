@@ -17,6 +17,11 @@ A row-parallel block leaves a partial sum on every rank: one all-reduce (a forwa
 on the attention, MLP or MoE block) completes it; biases added before that sum are kept
 on rank 0 only.
 
+`shard_model` works on a loaded model (it cuts the weights in place) and on one built on
+the meta device, where it only shapes the parameters: it returns the `Cut` of every
+parameter it changed, by name, and the loader then reads just those positions of each
+checkpoint tensor (yun/models/slices.py), so a rank never holds the whole model.
+
 Shapes: H = query heads, KvH = KV heads, D = head_dim, I = intermediate size, X = experts,
 E = hidden size, V = vocabulary, N = ranks.
 """
@@ -36,6 +41,9 @@ from yun.layers.linear import linear
 from yun.layers.moe import FusedExperts
 from yun.models.deepseek_v3 import MLAttention
 from yun.models.llama import MLP, Attention
+from yun.models.slices import Cut
+
+Cuts = dict[int, Cut]  # id(new parameter) -> its cut, while sharding
 
 class Collectives(Protocol):
     """What a sharded model needs of its tensor-parallel group (parallel.TensorParallel
@@ -70,31 +78,36 @@ def check_shardable(cfg: ModelConfig, n: int) -> None:
 
 
 @torch.no_grad()
-def shard_model(model: nn.Module, tp: Collectives) -> None:
-    """Keep rank tp.rank's share of every weight, in place; install the collectives."""
+def shard_model(model: nn.Module, tp: Collectives) -> dict[str, Cut]:
+    """Keep rank tp.rank's share of every weight, in place; install the collectives.
+    Returns what was kept of each sharded parameter, by name (for the loader, when the
+    model is on the meta device); parameters not named are replicated."""
     n, r = tp.world_size, tp.rank
     check_shardable(model.cfg, n)
     from yun.layers.quant_linear import QuantWeight
 
     if any(isinstance(m, QuantWeight) for m in model.modules()):
-        raise ValueError("tensor parallelism over quantized GGUF weights is not supported "
-                         "yet: use an F32/F16/BF16 GGUF file or a Hugging Face checkpoint")
+        raise ValueError("tensor parallelism cuts quantized GGUF weights while loading "
+                         "them (load_model(..., shard=...)), not after")
+    cuts: Cuts = {}
     reduce = _all_reduce_hook(tp)
     for layer in model.model.layers:
         attn = layer.self_attn
         if isinstance(attn, Attention):
-            _shard_gqa(attn, r, n)
+            _shard_gqa(attn, r, n, cuts)
         elif isinstance(attn, MLAttention):
-            _shard_mla(attn, r, n)
+            _shard_mla(attn, r, n, cuts)
         else:
             raise NotImplementedError(f"tensor parallelism: unknown attention {type(attn)}")
-        _shard_ffn(layer.mlp, r, n)
+        _shard_ffn(layer.mlp, r, n, cuts)
         attn.register_forward_hook(reduce)
         layer.mlp.register_forward_hook(reduce)
-    _shard_vocab(model, tp)
+    _shard_vocab(model, tp, cuts)
     first = model.model.layers[0].self_attn  # what the KV-cache shape reads
     kvh = getattr(first, "kvh", model.cfg.num_kv_heads)
     model.cfg = replace(model.cfg, num_heads=first.h, num_kv_heads=kvh)
+    model.use_decode_plan = False  # the plan runs every layer in C++: no all-reduce hooks
+    return {name: cuts[id(p)] for name, p in model.named_parameters() if id(p) in cuts}
 
 
 def _all_reduce_hook(tp: Collectives):
@@ -105,11 +118,14 @@ def _all_reduce_hook(tp: Collectives):
 
 
 # ---- slicing helpers -----------------------------------------------------------------------
-def _keep(param: nn.Parameter | None, index: torch.Tensor, dim: int) -> nn.Parameter | None:
+def _keep(param: nn.Parameter | None, index: torch.Tensor, dim: int, cuts: Cuts,
+          full_sizes: list[int] | None = None) -> nn.Parameter | None:
     if param is None:
         return None
     data = param.data.index_select(dim, index.to(param.device)).contiguous()
-    return nn.Parameter(data, requires_grad=False)
+    kept = nn.Parameter(data, requires_grad=False)
+    cuts[id(kept)] = Cut(dim, index, tuple(full_sizes or [param.shape[dim]]))
+    return kept
 
 
 def _spans(starts: list[int], length: int) -> torch.Tensor:
@@ -117,23 +133,25 @@ def _spans(starts: list[int], length: int) -> torch.Tensor:
     return torch.cat([torch.arange(s, s + length) for s in starts])
 
 
-def _keep_rows(lin: nn.Linear, index: torch.Tensor) -> None:
+def _keep_rows(lin: nn.Linear, index: torch.Tensor, cuts: Cuts) -> None:
     """Column-parallel: keep these output features (weight rows, bias entries)."""
-    lin.weight = _keep(lin.weight, index, 0)
-    lin.bias = _keep(lin.bias, index, 0)
+    sizes = getattr(lin, "output_sizes", None)
+    lin.weight = _keep(lin.weight, index, 0, cuts, sizes)
+    lin.bias = _keep(lin.bias, index, 0, cuts, sizes)
     lin.out_features = len(index)
 
 
-def _keep_cols(lin: nn.Linear, index: torch.Tensor, rank: int) -> None:
+def _keep_cols(lin: nn.Linear, index: torch.Tensor, rank: int, cuts: Cuts) -> None:
     """Row-parallel: keep these input features; the bias is added once (rank 0)."""
-    lin.weight = _keep(lin.weight, index, 1)
+    lin.weight = _keep(lin.weight, index, 1, cuts)
     lin.in_features = len(index)
     if lin.bias is not None and rank != 0:
         lin.bias.data.zero_()
+        cuts[id(lin.bias)] = Cut(None, zero=True)
 
 
 # ---- blocks --------------------------------------------------------------------------------
-def _shard_gqa(attn: Attention, r: int, n: int) -> None:
+def _shard_gqa(attn: Attention, r: int, n: int, cuts: Cuts) -> None:
     H, KvH, D = attn.h, attn.kvh, attn.d
     h = H // n
     if KvH >= n:
@@ -143,48 +161,48 @@ def _shard_gqa(attn: Attention, r: int, n: int) -> None:
     rows = torch.cat([_spans([r * h * D], h * D),  # [q | k | v] rows of the fused weight
                       H * D + _spans([kv_first * D], kvh * D),
                       (H + KvH) * D + _spans([kv_first * D], kvh * D)])
-    _keep_rows(attn.qkv_proj, rows)
+    _keep_rows(attn.qkv_proj, rows, cuts)
     attn.qkv_proj.output_sizes = [h * D, kvh * D, kvh * D]
-    _keep_cols(attn.o_proj, _spans([r * h * D], h * D), r)
+    _keep_cols(attn.o_proj, _spans([r * h * D], h * D), r, cuts)
     attn.h, attn.kvh = h, kvh
 
 
-def _shard_mla(attn: MLAttention, r: int, n: int) -> None:
+def _shard_mla(attn: MLAttention, r: int, n: int, cuts: Cuts) -> None:
     h = attn.h // n
     heads = range(r * h, (r + 1) * h)
     q = attn.q_b_proj if attn.q_lora else attn.q_proj
     per_q, per_kv = attn.dn + attn.r, attn.dn + attn.dv
-    _keep_rows(q, _spans([i * per_q for i in heads], per_q))
-    _keep_rows(attn.kv_b_proj, _spans([i * per_kv for i in heads], per_kv))
-    _keep_cols(attn.o_proj, _spans([r * h * attn.dv], h * attn.dv), r)
+    _keep_rows(q, _spans([i * per_q for i in heads], per_q), cuts)
+    _keep_rows(attn.kv_b_proj, _spans([i * per_kv for i in heads], per_kv), cuts)
+    _keep_cols(attn.o_proj, _spans([r * h * attn.dv], h * attn.dv), r, cuts)
     attn.h = h
 
 
-def _shard_mlp(mlp: MLP, r: int, n: int) -> None:
+def _shard_mlp(mlp: MLP, r: int, n: int, cuts: Cuts) -> None:
     I = mlp.gate_up_proj.output_sizes[0]  # noqa: E741
     i = I // n
-    _keep_rows(mlp.gate_up_proj, _spans([r * i, I + r * i], i))
+    _keep_rows(mlp.gate_up_proj, _spans([r * i, I + r * i], i), cuts)
     mlp.gate_up_proj.output_sizes = [i, i]
-    _keep_cols(mlp.down_proj, _spans([r * i], i), r)
+    _keep_cols(mlp.down_proj, _spans([r * i], i), r, cuts)
 
 
-def _shard_experts(experts: FusedExperts, r: int, n: int) -> None:
+def _shard_experts(experts: FusedExperts, r: int, n: int, cuts: Cuts) -> None:
     gate_up, down = experts.gate_up_proj, experts.down_proj  # [X, 2I, E], [X, E, I]
     I = gate_up.output_sizes[0]  # noqa: E741
     i = I // n
-    gate_up.weight = _keep(gate_up.weight, _spans([r * i, I + r * i], i), 1)
+    gate_up.weight = _keep(gate_up.weight, _spans([r * i, I + r * i], i), 1, cuts, [I, I])
     gate_up.output_sizes = [i, i]
-    down.weight = _keep(down.weight, _spans([r * i], i), 2)
+    down.weight = _keep(down.weight, _spans([r * i], i), 2, cuts)
 
 
-def _shard_ffn(mlp: nn.Module, r: int, n: int) -> None:
+def _shard_ffn(mlp: nn.Module, r: int, n: int, cuts: Cuts) -> None:
     if isinstance(mlp, MLP):
-        _shard_mlp(mlp, r, n)
+        _shard_mlp(mlp, r, n, cuts)
     elif isinstance(getattr(mlp, "experts", None), FusedExperts):  # an MoE block
-        _shard_experts(mlp.experts, r, n)
+        _shard_experts(mlp.experts, r, n, cuts)
         for child in mlp.children():  # shared experts; the router stays whole
             if isinstance(child, MLP):
-                _shard_mlp(child, r, n)
+                _shard_mlp(child, r, n, cuts)
     else:
         raise NotImplementedError(f"tensor parallelism: unknown MLP {type(mlp)}")
 
@@ -217,7 +235,7 @@ class VocabParallelHead(nn.Module):
         return part if full is None else full[:, :self.vocab]  # [N, V] on rank 0
 
 
-def _shard_vocab(model: nn.Module, tp: Collectives) -> None:
+def _shard_vocab(model: nn.Module, tp: Collectives, cuts: Cuts) -> None:
     embed, head = model.model.embed_tokens, model.lm_head
     if head.bias is not None:
         raise NotImplementedError("tensor parallelism: a head with a bias")
@@ -228,7 +246,9 @@ def _shard_vocab(model: nn.Module, tp: Collectives) -> None:
     def shard(w: torch.Tensor) -> nn.Parameter:  # [V, E] -> [S, E], zero-padded
         out = w.new_zeros(S, w.shape[1])
         out[:size] = w[start:start + size]
-        return nn.Parameter(out, requires_grad=False)
+        kept = nn.Parameter(out, requires_grad=False)
+        cuts[id(kept)] = Cut(0, torch.arange(start, start + size), (V,))
+        return kept
 
     tied = head.weight is embed.weight
     embed_w = shard(embed.weight)

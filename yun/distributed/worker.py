@@ -51,7 +51,7 @@ def serve_steps(runner, tp: TensorParallel) -> None:
         else:
             raise TypeError(f"unexpected message from rank 0: {type(msg).__name__}")
         if rows is not None:  # the vocab-parallel head gathers the slices on rank 0
-            runner.model.compute_logits(hidden[rows])
+            runner.compute_logits(hidden[rows])
 
 
 def main(argv: list[str] | None = None) -> int:

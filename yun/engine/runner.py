@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,13 +21,9 @@ from yun.engine.request import Request
 from yun.engine.sampler import Sampler, SamplingRow, logprobs_for
 from yun.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 from yun.engine.spec.verify import accepted_prefix, seed_for_position
-from yun.layers.attention import set_decode_backend
-from yun.layers.fused import set_fused_backend
+from yun.layers.backend import Backend, QuantKernels, use_backend
 from yun.layers.kv_quant import SCALE_BYTES
-from yun.layers.linear import set_bf16_backend
 from yun.layers.quant_linear import QuantWeight
-from yun.layers import quantized
-from yun.layers.quantized import set_quant_backend
 from yun.layers.context import AttentionMetadata, ForwardContext, PrefillSeq, forward_context
 from yun.models.huge_pages import place_in_huge_pages
 from yun.models.loader import load_model, resolve_dtype
@@ -54,8 +51,8 @@ class ModelRunner:
                  tp: "TensorParallel | None" = None, role: str = "target"):
         """`role`: "target" (the served model) sets torch's thread count; "draft" (a
         speculative draft model in the same process, built after the target) keeps the
-        target's. Each runner installs its own kernel choices before each of its forward
-        passes (`install_kernels`), so neither takes the other's."""
+        target's. Each runner holds its own kernel choices (`self.backend`) and runs its
+        forward passes inside them (`use_backend`), so neither takes the other's."""
         self.model_config = model_config
         self.role = role
         self.config = config
@@ -65,21 +62,21 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_config, config.dtype, self.device)
         if config.quantization and config.dtype == "auto" and self.device.type == "cpu":
             self.dtype = torch.float32  # as for quantized GGUF files: activations in fp32
-        self.model = load_model(model_config, self.dtype, self.device, config.quantization)
-        self.tp = tp  # tensor parallelism: this rank keeps its shard of every weight
+        self.tp = tp  # tensor parallelism: this rank reads only its shard of each weight
+        shard = None
         if tp is not None:
             from yun.distributed.tp import shard_model
 
-            shard_model(self.model, tp)
+            shard = partial(shard_model, tp=tp)
+        self.model = load_model(model_config, self.dtype, self.device, config.quantization,
+                                shard=shard)
         if self.device.type == "cpu":
             place_in_huge_pages(self.model)
         self.has_quantized_weights = any(isinstance(m, QuantWeight) for m in self.model.modules())
-        # This runner's kernel choices, installed now and again before each forward pass:
-        # the layers read them from module globals, and another engine built in the same
-        # process (a draft model, a test's second LLM) installs its own.
-        self.kernels = (self._bf16_kernels(), self._decode_kernel(), self._fused_ops(),
-                        self._quant_kernels())
-        self.install_kernels()
+        # This runner's kernel choices, built once: every forward pass and logits
+        # computation runs inside `use_backend(self.backend)`; nothing is installed in a
+        # module, so another engine in the process (a draft, a test's second LLM) keeps its own.
+        self.backend = self.choose_backend()
         if tp is None or tp.rank == 0:
             label = "" if role == "target" else f"{role} model: "
             print(f"yun: {label}{self.describe()}", file=sys.stderr, flush=True)
@@ -97,6 +94,14 @@ class ModelRunner:
         """The native kernel build asked for (None: the best this CPU runs)."""
         return None if self.config.kernel_isa == "auto" else self.config.kernel_isa
 
+    def choose_backend(self) -> Backend:
+        """The kernels this runner's model runs on (pure torch off CPU or without
+        native_kernels)."""
+        quant = self._quant_kernels()
+        return Backend(bf16=self._bf16_kernels(), decode=self._decode_kernel(),
+                       fused=self._fused_ops(),
+                       quant=None if quant is None else QuantKernels.choose(quant))
+
     def _bf16_kernels(self):
         if not (self.config.native_kernels and self.device.type == "cpu"
                 and self.dtype == torch.bfloat16):
@@ -108,20 +113,16 @@ class ModelRunner:
 
     def describe(self) -> str:
         """The start-up line: the CPU, its features, and the kernels this model runs on."""
-        from yun.layers.attention import decode_backend_name
-        from yun.layers.linear import bf16_backend_name
-        from yun.layers.quantized import quant_backend_name
-
         from yun.kernels import native_isa
         from yun.kernels.cpu import describe
 
         weights = weight_summary(self.model)
         if self.device.type != "cpu":
             return f"{self.device}: torch kernels; weights {weights}"
-        quant = quant_backend_name() if self.has_quantized_weights else "-"
+        quant = self.backend.quant_name if self.has_quantized_weights else "-"
         build = native_isa(isa=self._isa) if self.config.native_kernels else None
-        kernels = (f"native build: {build or 'none'}, bf16 matmul: {bf16_backend_name()}, "
-                   f"decode attention: {decode_backend_name()}")
+        kernels = (f"native build: {build or 'none'}, bf16 matmul: {self.backend.bf16_name}, "
+                   f"decode attention: {self.backend.decode_name}")
         return f"{describe(quant)}; {kernels}; weights {weights}"
 
     def _quant_kernels(self):
@@ -284,6 +285,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        with use_backend(self.backend):  # the logits and prompt logprobs too
+            return self._execute(sched)
+
+    def _execute(self, sched: SchedulerOutput) -> RunnerOutput:
         out = RunnerOutput()
         if sched.is_empty:
             return out
@@ -321,22 +326,17 @@ class ModelRunner:
                 out.prompt_logprobs[s.request.request_id] = lps
         return out
 
-    def install_kernels(self) -> None:
-        """Point the layers at this runner's kernels (cheap: four assignments)."""
-        bf16, decode, fused_ops, quant = self.kernels
-        set_bf16_backend(bf16)
-        set_decode_backend(decode)
-        set_fused_backend(fused_ops)
-        current = quantized._backend  # set_quant_backend asks the module for its paths:
-        if (None if current is None else current.module) is not quant:  # only on a change
-            set_quant_backend(quant)
-
     def run_model(self, inp: StepInputs) -> torch.Tensor:
         """The forward pass over the flat batch -> hidden states [T, E] (tensor-parallel
         workers call it too, with the inputs rank 0 sent)."""
-        self.install_kernels()
-        with forward_context(ForwardContext(inp.attn, self.kv_caches)):
+        with use_backend(self.backend), forward_context(ForwardContext(inp.attn,
+                                                                       self.kv_caches)):
             return self.model(inp.input_ids, inp.positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head over hidden [N, E] -> [N, V], on this runner's kernels."""
+        with use_backend(self.backend):
+            return self.model.compute_logits(hidden)
 
     def _sampling_rows(self, s: ScheduledRequest) -> list[SamplingRow]:
         """One row per token sampled for the request: the next one, or with proposals one
@@ -390,6 +390,10 @@ class ModelRunner:
     def embed(self, sched: SchedulerOutput, pooling: "PoolingConfig") -> list[list[float]]:
         """One forward over whole prompts (no sampling; a decoder's K/V go to the blocks
         the caller lent and are dropped after) -> one pooled vector per request."""
+        with use_backend(self.backend):
+            return self._embed(sched, pooling)
+
+    def _embed(self, sched: SchedulerOutput, pooling: "PoolingConfig") -> list[list[float]]:
         if self.is_encoder:
             hidden = self._encode([s.request.prompt_token_ids for s in sched.scheduled])
         else:

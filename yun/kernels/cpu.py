@@ -87,7 +87,7 @@ def quant_path(features: frozenset[str] | None = None) -> str:
 def describe(quant: str | None = None) -> str:
     """One line for the start-up log, e.g.
     "AMD EPYC (Zen 4): avx512_bf16 avx512_vnni; quantized matmul: avx512-vnni".
-    `quant`: the path the installed kernels use ("torch" when none); by default the one
+    `quant`: the path the engine's backend uses ("torch" when none); by default the one
     this CPU would take."""
     feats = cpu_features()
     # The strongest features only: avx512_vnni implies avx512f etc.

@@ -10,7 +10,8 @@ from yun.layers import fused
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2 * I] holding gate then up -> [T, I]."""
-    if fused.usable(x) and x.dim() == 2:
-        return fused.ops.silu_and_mul(x.contiguous())
+    ops = fused.ops_for(x)
+    if ops is not None and x.dim() == 2:
+        return ops.silu_and_mul(x.contiguous())
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -18,30 +18,15 @@ native decode kernels. A fresh prompt's own attention uses its unquantized keys/
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
 from yun.layers import fused
+from yun.layers.backend import current
 from yun.layers.context import AttentionMetadata, get_forward_context
 from yun.layers.kv_quant import dequantize_rows, is_quantized, quantize_rows
 from yun.layers.rotary import apply_rope_
 
-
-# Optional native decode kernel (see yun/kernels): (q [B,H,D], k_cache, v_cache,
-# block_tables, context_lens, scale, window) -> [B,H,D]. Installed by the runner on CPU.
-DecodeFn = Callable[..., torch.Tensor]
-_decode_kernel: DecodeFn | None = None
-
-
-def decode_backend_name() -> str:
-    return "native" if _decode_kernel is not None else "torch"
-
-
-def set_decode_backend(fn: DecodeFn | None) -> None:
-    global _decode_kernel
-    _decode_kernel = fn
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -100,15 +85,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
         meta = get_forward_context().attn
     write_kv(cache, k, v, meta.slot_mapping)
     nd = meta.num_decodes
-    native = _decode_kernel is not None and q.device.type == "cpu"
+    kernel = current().decode if q.device.type == "cpu" else None  # native decode attention
+    native = kernel is not None
     if native and nd == q.shape[0]:  # decodes only (every decode step): no copy into `out`
-        return _decode_kernel(q, cache[0], cache[1], meta.decode_block_tables,
-                              meta.decode_context_lens, scale, window or 0)
+        return kernel(q, cache[0], cache[1], meta.decode_block_tables,
+                      meta.decode_context_lens, scale, window or 0)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     if nd and native:
-        out[:nd] = _decode_kernel(q[:nd], cache[0], cache[1], meta.decode_block_tables,
-                                  meta.decode_context_lens, scale, window or 0)
+        out[:nd] = kernel(q[:nd], cache[0], cache[1], meta.decode_block_tables,
+                          meta.decode_context_lens, scale, window or 0)
     elif nd:
         out[:nd] = _decode_torch(q[:nd], cache, scale, meta, window, gqa)
     for p in meta.prefills:
@@ -147,13 +133,13 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: tor
     if meta is None:
         meta = get_forward_context().attn
     T, h, kvh = qkv.shape[0], num_heads, num_kv_heads
-    if (meta.num_decodes == T and _decode_kernel is not None and fused.usable(qkv)
+    ops = fused.ops_for(qkv)
+    if (meta.num_decodes == T and ops is not None and current().decode is not None
             and qkv.is_contiguous() and cos.dim() == 2 and cos.dtype == qkv.dtype
             and (cache.dtype == qkv.dtype or is_quantized(cache))):
-        return fused.ops.decode_attention_qkv(qkv, cos, sin, cache, meta.slot_mapping,
-                                              meta.decode_block_tables,
-                                              meta.decode_context_lens, h, kvh, scale,
-                                              window or 0)
+        return ops.decode_attention_qkv(qkv, cos, sin, cache, meta.slot_mapping,
+                                        meta.decode_block_tables, meta.decode_context_lens,
+                                        h, kvh, scale, window or 0)
     heads = qkv.view(T, h + 2 * kvh, -1)  # [T, H + 2 KvH, D]
     q, k = apply_rope_(heads[:, :h + kvh], cos, sin).split([h, kvh], dim=1)
     return paged_attention(q, k, heads[:, h + kvh:], cache, scale, meta,

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from yun.layers import attention, fused, quantized
+from yun.layers import fused, quantized
+from yun.layers.backend import Backend, QuantKernels, current
 from yun.layers.context import get_forward_context
 from yun.layers.norm import RMSNorm
 from yun.layers.quant_linear import FLOAT_TYPES, QuantLinear
@@ -51,15 +52,15 @@ def _qualifies(layer: object) -> bool:
             and type(layer.post_attention_layernorm) is RMSNorm)
 
 
-def _build(layers: list[Any], backend: Any) -> Any | None:
+def _build(layers: list[Any], ops: Any, backend: QuantKernels) -> Any | None:
     """A DecodePlan over `layers`, or None when one of them does not qualify."""
     if not layers or not all(_qualifies(layer) for layer in layers):
         return None
     first = layers[0]
     a0, eps = first.self_attn, first.input_layernorm.eps
     dtype = first.input_layernorm.weight.dtype
-    plan = fused.ops.DecodePlan(backend.module.matmul_address(), backend.isa,
-                                backend.activations, a0.h, a0.kvh, a0.scale, eps)
+    plan = ops.DecodePlan(backend.module.matmul_address(), backend.isa,
+                          backend.activations, a0.h, a0.kvh, a0.scale, eps)
     for layer in layers:
         a = layer.self_attn
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
@@ -76,16 +77,16 @@ def _build(layers: list[Any], backend: Any) -> Any | None:
     return plan
 
 
-def _plan_for(model: torch.nn.Module, layers: list[Any]) -> Any | None:
-    """The model's plan for the kernels installed now (built on first use, rebuilt when
-    the runner installs other kernels), or None where it does not qualify."""
-    backend = quantized._backend
-    if backend is None or fused.ops is None or not hasattr(fused.ops, "DecodePlan"):
+def _plan_for(model: torch.nn.Module, layers: list[Any], kernels: Backend) -> Any | None:
+    """The model's plan for these kernels (built on first use, rebuilt for other
+    kernels), or None where it does not qualify."""
+    backend, ops = kernels.quant, kernels.fused
+    if backend is None or ops is None or not hasattr(ops, "DecodePlan"):
         return None
-    key = (id(fused.ops), id(backend.module), backend.isa, backend.activations)
+    key = (id(ops), id(backend.module), backend.isa, backend.activations)
     cached = model.__dict__.get("_decode_plan")
     if cached is None or cached[0] != key:
-        cached = (key, _build(layers, backend))
+        cached = (key, _build(layers, ops, backend))
         model.__dict__["_decode_plan"] = cached
     return cached[1]
 
@@ -98,13 +99,14 @@ def run_layers(model: torch.nn.Module, layers: list[Any], x: torch.Tensor,
         return None
     ctx = get_forward_context()
     meta = ctx.attn
-    if (meta.num_decodes != x.shape[0] or meta.prefills or attention._decode_kernel is None
+    kernels = current()
+    if (meta.num_decodes != x.shape[0] or meta.prefills or kernels.decode is None
             or not fused.usable(x) or x.dtype != cos.dtype or cos.dim() != 2):
         return None
     caches = ctx.kv_caches
     if len(caches) != len(layers) or any(c.dtype != x.dtype for c in caches):
         return None
-    plan = _plan_for(model, layers)
+    plan = _plan_for(model, layers, kernels)
     if plan is None or x.dtype != layers[0].input_layernorm.weight.dtype:
         return None
     return plan.run(x, cos, sin, caches, meta.slot_mapping, meta.decode_block_tables,

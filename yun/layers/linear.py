@@ -3,37 +3,24 @@
 With bfloat16 weights on an AVX-512 CPU without native bf16 math, torch's matmuls
 run far below the machine's speed; native kernels (yun/kernels) take over: a
 bandwidth-bound one for a few rows (decode) and a blocked one for many rows (prefill,
-batched decode). Everything else goes to F.linear. The runner picks the backend once
-(`set_bf16_backend`); the layers only ask.
+batched decode). Everything else goes to F.linear. The runner picks the kernels once,
+in its `Backend` (yun/layers/backend.py); the layers ask `current()`.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-SkinnyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+from yun.layers.backend import current
 
 SKINNY_MAX_ROWS = 4  # up to this many rows the weight-streaming kernel is used
-_bf16_kernels: tuple[SkinnyFn, SkinnyFn] | None = None  # (few rows, many rows)
-
-
-def set_bf16_backend(kernels: tuple[SkinnyFn, SkinnyFn] | None) -> None:
-    """Install (or remove, with None) the native bf16 matmul kernels."""
-    global _bf16_kernels
-    _bf16_kernels = kernels
-
-
-def bf16_backend_name() -> str:
-    return "native" if _bf16_kernels is not None else "torch"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, in] -> [T, out]; same result as F.linear up to float rounding."""
-    kernels = _bf16_kernels
+    kernels = current().bf16  # (few rows, many rows) or None
     if (kernels is not None and x.dim() == 2 and weight.dtype == torch.bfloat16
             and weight.device.type == "cpu"):
         return kernels[0 if x.shape[0] <= SKINNY_MAX_ROWS else 1](x, weight, bias)

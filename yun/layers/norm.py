@@ -15,8 +15,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused.usable(x) and self.weight.dtype == x.dtype:
-            return fused.ops.rms_norm(x.contiguous(), self.weight, self.eps)
+        ops = fused.ops_for(x)
+        if ops is not None and self.weight.dtype == x.dtype:
+            return ops.rms_norm(x.contiguous(), self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -26,9 +27,10 @@ class RMSNorm(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual + x, self(residual + x)): a pre-norm layer's residual add and the
         next norm, in one native call where the kernels run (same results)."""
-        if (fused.usable(x) and self.weight.dtype == x.dtype and x.is_contiguous()
+        ops = fused.ops_for(x)
+        if (ops is not None and self.weight.dtype == x.dtype and x.is_contiguous()
                 and residual.is_contiguous()):
-            s, y = fused.ops.add_rms_norm(x, residual, self.weight, self.eps)
+            s, y = ops.add_rms_norm(x, residual, self.weight, self.eps)
             return s, y
         s = residual + x
         return s, self(s)

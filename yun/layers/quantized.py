@@ -7,8 +7,8 @@ output features; each row is K / block_size blocks in ggml's byte layout), its
 `dequantize` is pure torch (CPU or CUDA) and bit-exact with `gguf.quants.dequantize`: the
 same float32 operations in the same order, per type. `quant_matmul` uses the native kernels
 (yun/kernels/quant.cpp: activations quantized to int16 or int8 blocks, integer dot products
-against the quantized weights) once the runner has installed them with `set_quant_backend`, and
-dequantize + F.linear in float32 otherwise.
+against the quantized weights) when the current backend holds them (`Backend.quant`,
+yun/layers/backend.py), and dequantize + F.linear in float32 otherwise.
 
 The native kernels serve every M: on Zen 4 (one thread, 896x4864) their int8 products run
 at ~120 GFLOP/s for M = 16..512 against ~90 for torch's fp32 matmul on an already
@@ -24,12 +24,16 @@ slower at M = 1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import gguf
 import torch
 import torch.nn.functional as F
+
+from yun.layers.backend import ACTIVATIONS, current
+
+__all__ = ["ACTIVATIONS", "block_info", "dequantize", "dequantize_rows", "quant_matmul",
+           "supported_qtypes"]
 
 QT = gguf.GGMLQuantizationType
 QK_K = 256  # values per K-quant super-block
@@ -257,50 +261,6 @@ def dequantize_rows(data: torch.Tensor, rows: torch.Tensor, qtype: int, k: int) 
 
 # --- matmul dispatch ------------------------------------------------------------------------
 
-ACTIVATIONS = ("int16", "int8")  # the native kernels' activation modes, the default first
-
-
-@dataclass(frozen=True)
-class _Backend:
-    module: Any  # the compiled extension (yun.kernels.quant())
-    isa: str  # the code path its kernels take, e.g. "avx512-vnni"
-    activations: str  # what x is quantized to: "int16" or "int8" blocks of 32
-
-
-_backend: _Backend | None = None
-
-
-def set_quant_backend(module: Any | None, isa: str | None = None,
-                      activations: str = ACTIVATIONS[0]) -> None:
-    """Install (or remove, with None) the native quantized matmul kernels.
-
-    `isa` forces one code path ("avx512-vnni", "avx512", "avx2-vnni", "avx2", "scalar");
-    by default the best one this CPU runs. A path the CPU cannot run raises ValueError.
-    `activations` is what x is quantized to before the integer dot products: "int16"
-    blocks of 32 (the default: ~1e-5 relative rounding, greedy tokens as the exact fp32
-    product gives them far more often) or "int8" (llama.cpp's numerics, ~4e-3).
-    """
-    global _backend
-    if module is None:
-        _backend = None
-        return
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, "
-                         f"got {activations!r}")
-    runnable = list(module.isas())
-    chosen = isa or runnable[0]
-    if chosen not in runnable:
-        raise ValueError(f"quantized matmul path {chosen!r} cannot run on this CPU "
-                         f"(this one runs: {', '.join(runnable)})")
-    _backend = _Backend(module, chosen, activations)
-
-
-def quant_backend_name() -> str:
-    """The path quant_matmul takes on CPU now: "ISA/activations" (e.g. "avx512-vnni/int16"),
-    or "torch"."""
-    return "torch" if _backend is None else f"{_backend.isa}/{_backend.activations}"
-
-
 def quant_matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, k: int,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., k] (float32 or bfloat16) @ W.T (+ bias) -> [..., N] in x's dtype.
@@ -309,7 +269,7 @@ def quant_matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, k: int,
     scale each: the result differs from the float32 product by ~1e-5 (int8: ~5e-3)
     relative (see the tests).
     """
-    backend = _backend
+    backend = current().quant
     if (backend is not None and qtype in _NATIVE and x.device.type == "cpu"
             and data.device.type == "cpu"):
         # Decode calls this ~7 times per layer per token: the kernel validates the shapes

@@ -195,11 +195,12 @@ def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
     x: [T, heads, dim]; cos/sin: [T, dim] contiguous rows (`cos_sin_rows`) or [T, 1, dim].
     """
-    if (fused.usable(x) and x.dim() == 3 and x.stride(-1) == 1 and cos.dtype == x.dtype
+    ops = fused.ops_for(x)
+    if (ops is not None and x.dim() == 3 and x.stride(-1) == 1 and cos.dtype == x.dtype
             and cos.shape[0] == x.shape[0]):
         if cos.dim() == 3:
             cos, sin = cos.flatten(1).contiguous(), sin.flatten(1).contiguous()
-        return fused.ops.rope_neox_(x, cos, sin)
+        return ops.rope_neox_(x, cos, sin)
     if cos.dim() == 2:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return apply_rope(x, cos, sin)

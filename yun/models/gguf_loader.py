@@ -25,6 +25,7 @@ from yun.layers import quantized
 from yun.layers.quant_linear import FLOAT_TYPES, QuantTensor
 from yun.models.errors import CheckpointError
 from yun.models.gguf_file import GGUFFile
+from yun.models.slices import GGUFEntry
 
 # GGUF name pattern -> HF name template ({0}, {1}, ... are the pattern's groups).
 _NAMES: list[tuple[re.Pattern[str], str]] = [(re.compile(p), t) for p, t in [
@@ -91,8 +92,11 @@ def _unpermute_index(rows: int, n_head: int) -> torch.Tensor:
     return torch.arange(rows).view(n_head, d // 2, 2).transpose(1, 2).reshape(-1)
 
 
-def gguf_tensors(gf: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, str, QuantTensor]]:
-    """(file, HF name, tensor) for every tensor of the file, in HF layout."""
+def gguf_tensors(gf: GGUFFile, cfg: ModelConfig
+                 ) -> Iterator[tuple[str, str, QuantTensor | GGUFEntry]]:
+    """(file, HF name, tensor) for every tensor of the file, in HF layout. Each is a view
+    of the file's mapping (llama's Q/K: an entry whose rows are reordered as they are
+    read), so a tensor-parallel rank copies only the rows or blocks it keeps."""
     arch = cfg.hf.get("gguf_architecture", "")
     pending_kv_b: dict[str, dict[str, QuantTensor]] = {}
     for name in gf.tensors:
@@ -105,7 +109,9 @@ def gguf_tensors(gf: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, str, Qua
         t = quant_tensor(gf, name)
         if arch == "llama" and re.search(r"\.(q|k)_proj\.", target):
             heads = cfg.num_heads if ".q_proj." in target else cfg.num_kv_heads
-            t = t.take_rows(_unpermute_index(t.shape[0], heads))
+            entry = GGUFEntry(t, _unpermute_index(t.shape[0], heads))  # rows read lazily
+            yield gf.path, target, entry
+            continue
         if "{e}" in target:  # stacked experts [X, out, in] -> one tensor per expert
             dense = t.dequantize()
             for e in range(dense.shape[0]):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -16,6 +16,9 @@ from yun.layers.linear import Linear
 from yun.layers.quant_linear import QuantEmbedding, QuantLinear, QuantTensor, QuantWeight
 from yun.models.errors import CheckpointError
 from yun.models.registry import model_class
+from yun.models.slices import Cut, SafetensorsEntry, nbytes, read_entry, shape_of
+
+Shard = Callable[[nn.Module], dict[str, Cut]]  # shapes a meta model to one rank's share
 
 __all__ = ["CheckpointError", "load_model", "load_weights", "resolve_dtype"]
 
@@ -42,8 +45,9 @@ def checkpoint_files(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in files]
 
 
-def iter_tensors(files: list[str]) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """Yield (file, tensor name, tensor) lazily, file by file."""
+def iter_tensors(files: list[str]) -> Iterator[tuple[str, str, SafetensorsEntry]]:
+    """Yield (file, tensor name, entry) lazily, file by file: nothing is read until the
+    loader reads an entry, whole or only the part one rank keeps."""
     for path in files:
         try:
             f = safe_open(path, framework="pt", device="cpu")
@@ -52,10 +56,10 @@ def iter_tensors(files: list[str]) -> Iterator[tuple[str, str, torch.Tensor]]:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from e
         for name in names:
             try:
-                tensor = f.get_tensor(name)
+                entry = SafetensorsEntry(f, name)
             except Exception as e:
                 raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from e
-            yield path, name, tensor
+            yield path, name, entry
 
 
 def _target(model: nn.Module, name: str) -> tuple[str, Any]:
@@ -80,10 +84,14 @@ def load_weights(model: nn.Module, files: list[str]) -> None:
 
 
 def load_tensors(model: nn.Module, tensors: Iterable[tuple[str, str, Any]], label: str,
-                 keep_quantized: bool = False, quantize_to: str | None = None) -> None:
+                 keep_quantized: bool = False, quantize_to: str | None = None,
+                 cuts: dict[str, Cut] | None = None) -> int:
     """Fill `model` from (file, HF name, tensor) triples; every parameter must be filled.
+    Returns the bytes of the tensors read (what this process materialised of them).
 
-    A tensor is a torch tensor or a `QuantTensor` (GGUF). With `keep_quantized`, quantized
+    A tensor is a torch tensor, a `QuantTensor` (GGUF) or a lazy `slices.Entry`. `cuts`
+    (tensor parallelism: the model was sharded on the meta device) names the parameters
+    of which only some positions are read. With `keep_quantized`, quantized
     weights of `Linear` layers and of the token embedding stay quantized: those modules
     are swapped for their quantized forms once everything is read; any other quantized
     tensor is dequantized into its parameter. `quantize_to` (e.g. "q8_0") quantizes dense
@@ -100,7 +108,8 @@ def load_tensors(model: nn.Module, tensors: Iterable[tuple[str, str, Any]], labe
     ignored = tuple(getattr(model, "ignored_suffixes", ()))
     loaded: set[tuple[str, Any]] = set()
     kept: dict[str, dict[Any, QuantTensor]] = {}  # module name -> part -> quantized weight
-    for path, name, tensor in tensors:
+    read = 0
+    for path, name, entry in tensors:
         if name.endswith(ignored) or (tied and name == "lm_head.weight"):
             continue
         if skip := getattr(model, "skip_weight", None):
@@ -115,21 +124,23 @@ def load_tensors(model: nn.Module, tensors: Iterable[tuple[str, str, Any]], labe
         modname = target.rsplit(".", 1)[0]
         if part is not None:
             dest = dest[modules[modname].part_slice(part)]
-        if tuple(dest.shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                  f"expected {tuple(dest.shape)}")
+        loaded.add((target, part))
+        cut = cuts.get(target) if cuts else None
+        if cut is not None and cut.zero:  # nothing to read on this rank
+            dest.zero_()
+            continue
+        tensor, dest = _read(entry, cut, part, dest, path, name)
+        read += nbytes(tensor)
         if quantize_to and _quantizable(modules[modname], target) and tensor.dim() == 2:
             tensor = _quantize(tensor, quantize_to, name)
         if isinstance(tensor, QuantTensor):
             if ((keep_quantized or quantize_to) and not tensor.is_float
                     and _quantizable(modules[modname], target)):
                 kept.setdefault(modname, {})[part] = tensor
-                loaded.add((target, part))
                 continue
             tensor = tensor.dequantize() if not tensor.is_float else tensor.data
         with torch.no_grad():
             dest.copy_(tensor)
-        loaded.add((target, part))
     missing = sorted(expected - loaded, key=str)
     if missing:
         names = [_checkpoint_name(model, p, i) for p, i in missing]
@@ -137,6 +148,42 @@ def load_tensors(model: nn.Module, tensors: Iterable[tuple[str, str, Any]], labe
         raise CheckpointError(f"{label}: missing tensor(s) {shown} ({len(names)} missing)")
     if kept:
         _swap_quantized(model, modules, kept)
+    return read
+
+
+def _read(entry: Any, cut: Cut | None, part: Any, dest: torch.Tensor, path: str,
+          name: str) -> tuple[Any, torch.Tensor]:
+    """The entry, whole or cut, after checking its full shape -> (tensor, where it goes).
+    A cut keeps `index` along one dimension; parts of a fused parameter lie along the
+    checkpoint tensor's first dimension; positions past the kept ones stay zero."""
+    shape = shape_of(entry)
+    if cut is None or cut.dim is None or cut.index is None:
+        if tuple(dest.shape) != shape:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {shape}, "
+                                  f"expected {tuple(dest.shape)}")
+        return read_entry(entry), dest
+    dim = cut.dim - _dropped(part)  # in the checkpoint tensor's dimensions
+    fused = None if dim != 0 or part is None or len(cut.full_sizes or ()) < 2 else (
+        part if isinstance(part, int) else part[-1])
+    index = cut.index if fused is None else cut.part_index(fused)
+    full = list(dest.shape)
+    full[dim] = cut.full_length(fused)
+    if tuple(full) != shape:
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {shape}, "
+                              f"expected {tuple(full)}")
+    kept = int(index.numel())
+    if dest.shape[dim] > kept:  # a padded vocabulary shard
+        dest.narrow(dim, kept, dest.shape[dim] - kept).zero_()
+        dest = dest.narrow(dim, 0, kept)
+    try:
+        return read_entry(entry, dim, index), dest
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from e
+
+
+def _dropped(part: Any) -> int:
+    """Leading dimensions a part's index removes (an expert's (e, rows) part: one)."""
+    return len(part) - 1 if isinstance(part, tuple) else 0
 
 
 def _quantize(tensor: torch.Tensor, kind: str, name: str) -> QuantTensor:
@@ -154,8 +201,8 @@ def _quantize(tensor: torch.Tensor, kind: str, name: str) -> QuantTensor:
 
 def _quantizable(mod: nn.Module, target: str) -> bool:
     """Modules that run on quantized weights: yun's Linear layers, the token embedding."""
-    return target.endswith(".weight") and (
-        isinstance(mod, Linear) or target.endswith("embed_tokens.weight"))
+    return target.endswith(".weight") and (isinstance(mod, Linear) or (
+        isinstance(mod, nn.Embedding) and target.endswith("embed_tokens.weight")))
 
 
 def _swap_quantized(model: nn.Module, modules: dict[str, nn.Module],
@@ -221,13 +268,17 @@ def resolve_dtype(cfg: ModelConfig, dtype: str, device: torch.device) -> torch.d
 
 
 def build_empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                      label: str, cls: type[nn.Module] | None = None) -> nn.Module:
+                      label: str, cls: type[nn.Module] | None = None,
+                      shard: Shard | None = None) -> nn.Module:
     """The model's modules (of `cls`, default: the architecture's class) with
     uninitialised weights on `device` (no time spent on random init), computed buffers
-    (rope tables) built."""
+    (rope tables) built. `shard` reshapes the model to one tensor-parallel rank's share
+    while it is still on the meta device."""
     cls = cls or model_class(cfg.architecture, label)
     with torch.device("meta"):
         model = cls(cfg)
+    if shard is not None:
+        shard(model)
     model = model.to_empty(device=device).to(dtype=dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -238,20 +289,31 @@ def build_empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               quantization: str | None = None) -> nn.Module:
+               quantization: str | None = None, shard: Shard | None = None) -> nn.Module:
     """An HF folder or a GGUF file (cfg.path) -> the loaded model in eval mode;
-    `quantization` quantizes an HF checkpoint's dense weights while loading."""
+    `quantization` quantizes an HF checkpoint's dense weights while loading; `shard`
+    (tensor parallelism) keeps one rank's share, reading only that part of each sharded
+    tensor. `model.weight_bytes_read` is the bytes of checkpoint tensors it read."""
+    cuts: dict[str, Cut] = {}
+
+    def shaped(model: nn.Module) -> dict[str, Cut]:
+        cuts.update(shard(model))
+        return cuts
+
+    shaping = shaped if shard is not None else None
     if cfg.is_gguf:  # quantized tensors stay quantized
         from yun.models.gguf_file import open_gguf
         from yun.models.gguf_loader import gguf_tensors
 
-        model = build_empty_model(cfg, dtype, device, cfg.path)
-        load_tensors(model, gguf_tensors(open_gguf(cfg.path), cfg), cfg.path,
-                     keep_quantized=True)
+        model = build_empty_model(cfg, dtype, device, cfg.path, shard=shaping)
+        read = load_tensors(model, gguf_tensors(open_gguf(cfg.path), cfg), cfg.path,
+                            keep_quantized=True, cuts=cuts)
     else:
         files = checkpoint_files(cfg.path)
-        model = build_empty_model(cfg, dtype, device, os.path.join(cfg.path, "config.json"))
-        load_tensors(model, iter_tensors(files), os.path.dirname(files[0]),
-                     quantize_to=quantization)
+        model = build_empty_model(cfg, dtype, device, os.path.join(cfg.path, "config.json"),
+                                  shard=shaping)
+        read = load_tensors(model, iter_tensors(files), os.path.dirname(files[0]),
+                            quantize_to=quantization, cuts=cuts)
+    model.weight_bytes_read = read
     model.eval()
     return model

@@ -26,6 +26,7 @@ from yun.engine.runner import ModelRunner
 from yun.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 from yun.engine.spec.draft import SHORT_FORWARD, _ema
 from yun.engine.spec.shadow import ShadowSequences
+from yun.layers.backend import use_backend
 from yun.layers.context import ForwardContext, forward_context
 from yun.models.deepseek_mtp import DeepseekV3MTP, load_mtp
 
@@ -152,7 +153,8 @@ class MTPProposer:
             batch[i].start + 1, batch[i].start + 1 + batch[i].num_new_tokens)],
             dtype=torch.long, device=hidden.device)  # t_{i+1} at MTP position i
         embeds = self.target.model.model.embed_tokens(next_ids)  # [T, E]
-        with forward_context(ForwardContext(inp.attn, [self.cache])):
+        with use_backend(self.target.backend), forward_context(ForwardContext(inp.attn,
+                                                                              [self.cache])):
             g = self.mtp(embeds, hidden[idx], inp.positions)  # [T, E], inp order
         self.num_forwards += 1
         if all(s.num_new_tokens <= SHORT_FORWARD for s in batch):
@@ -165,7 +167,8 @@ class MTPProposer:
         return g[back]
 
     def _logits(self, g: torch.Tensor) -> torch.Tensor:
-        return self.target.model.compute_logits(self.mtp.shared_head.norm(g))  # [n, V]
+        with use_backend(self.target.backend):
+            return self.target.model.compute_logits(self.mtp.shared_head.norm(g))  # [n, V]
 
     def release(self, request_id: str) -> None:
         self.shadows.release(request_id)

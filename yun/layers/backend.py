@@ -1,0 +1,102 @@
+"""The kernel choices of one engine, in one typed object (`Backend`).
+
+A runner builds its backend once, from the CPU's features and its config (which native
+kernels exist, the ISA asked for, the model's dtype and weights), and runs every
+forward pass and logits computation inside `use_backend(backend)`. The layers ask
+`current()` for the kernels to use: nothing is installed in a module, so two engines in
+one process (a target and its draft, a test's second LLM) never take each other's
+choices, and code outside any engine (tests, scripts) gets `TORCH`, the pure-torch path
+that is also the reference the native kernels are tested against.
+
+`use_backend` scopes the choice to the calling thread and the code inside the `with`
+(a context variable, like the per-step `forward_context`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+# (x [M, K], weight [N, K] bf16, bias [N] | None) -> [M, N]
+SkinnyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# (q [B, H, D], k_cache, v_cache, block_tables, context_lens, scale, window) -> [B, H, D]
+DecodeFn = Callable[..., torch.Tensor]
+
+ACTIVATIONS = ("int16", "int8")  # the native quantized matmuls' activation modes, default first
+
+
+@dataclass(frozen=True)
+class QuantKernels:
+    """The native quantized matmuls (yun.kernels.quant()) and how they run."""
+
+    module: Any  # the compiled extension
+    isa: str  # the code path its kernels take, e.g. "avx512-vnni"
+    activations: str  # what x is quantized to: "int16" or "int8" blocks of 32
+
+    @classmethod
+    def choose(cls, module: Any, isa: str | None = None,
+               activations: str = ACTIVATIONS[0]) -> "QuantKernels":
+        """`isa` forces one code path ("avx512-vnni", "avx512", "avx2-vnni", "avx2",
+        "scalar"); by default the best one this CPU runs. A path the CPU cannot run
+        raises ValueError. `activations`: "int16" blocks of 32 (the default: ~1e-5
+        relative rounding) or "int8" (llama.cpp's numerics, ~4e-3)."""
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, "
+                             f"got {activations!r}")
+        runnable = list(module.isas())
+        chosen = isa or runnable[0]
+        if chosen not in runnable:
+            raise ValueError(f"quantized matmul path {chosen!r} cannot run on this CPU "
+                             f"(this one runs: {', '.join(runnable)})")
+        return cls(module, chosen, activations)
+
+    @property
+    def name(self) -> str:
+        return f"{self.isa}/{self.activations}"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Which kernels the layers run; None everywhere (`TORCH`) is pure torch."""
+
+    bf16: tuple[SkinnyFn, SkinnyFn] | None = None  # bf16 matmul: (few rows, many rows)
+    decode: DecodeFn | None = None  # paged decode attention
+    fused: Any = None  # the fused elementwise ops' extension (norms, SiLU, rotary, plans)
+    quant: QuantKernels | None = None  # quantized GGUF matmuls
+
+    @property
+    def bf16_name(self) -> str:
+        return "native" if self.bf16 is not None else "torch"
+
+    @property
+    def decode_name(self) -> str:
+        return "native" if self.decode is not None else "torch"
+
+    @property
+    def quant_name(self) -> str:
+        """The path quantized matmuls take on CPU: "ISA/activations", or "torch"."""
+        return "torch" if self.quant is None else self.quant.name
+
+
+TORCH = Backend()
+
+_CURRENT: contextvars.ContextVar[Backend] = contextvars.ContextVar("yun_backend",
+                                                                  default=TORCH)
+
+
+def current() -> Backend:
+    """The backend of the engine running now (TORCH outside any)."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def use_backend(backend: Backend) -> Iterator[Backend]:
+    token = _CURRENT.set(backend)
+    try:
+        yield backend
+    finally:
+        _CURRENT.reset(token)
