@@ -101,14 +101,16 @@ def test_a_prefix_hit_needs_the_sliding_blocks_of_the_window_before_it():
 def test_mixed_model_frees_sliding_blocks_and_matches_transformers(qwen2_mixed):
     path, ref = qwen2_mixed
     llm = LLM(path, dtype="float32", kv_cache_memory=2**20, block_size=BLOCK,
-              max_num_batched_tokens=16)
+              max_num_batched_tokens=16, max_num_seqs=4)
     eng, runner = llm.engine, llm.engine.runner
     kv = eng.kv
     assert isinstance(kv, HybridKVCacheManager) and kv.window == WINDOW
     assert runner.sliding_layers == (2, 3)
     assert [c.shape[1] for c in runner.kv_caches] == [kv.full.num_blocks] * 2 + \
         [kv.sliding.num_blocks] * 2
-    assert kv.sliding.num_blocks < kv.full.num_blocks
+    assert kv.sliding.num_blocks == 4 * (3 + 2) + 2  # the bound, below an even split
+    # The rest to the full layers: one layer's token is 2 x 2 KV heads x 16 x 4 bytes.
+    assert kv.full.num_blocks == (2**20 // (256 * BLOCK) - 2 * kv.sliding.num_blocks) // 2
     assert "two groups" in runner.describe_kv_cache()
     prompt = _ids(45, 2)
     eng.add_request("long", prompt, GREEDY)
@@ -206,9 +208,11 @@ def test_int8_cache_and_ngram_speculation_work_per_group(qwen2_mixed):
     assert _all_free(spec.engine.kv)
 
 
-def test_a_mixed_draft_model_is_refused(qwen2_mixed, tmp_path):
-    path, _ = qwen2_mixed
-    target = build_checkpoint(str(tmp_path), {**QWEN2, "use_sliding_window": False})
+def test_a_mixed_draft_model_is_refused(tmp_path):
+    arch = {k: v for k, v in QWEN2.items()
+            if k not in ("vocab_size", "eos_token_id", "bos_token_id")}  # the tokenizer's
+    path = build_checkpoint(str(tmp_path / "draft"), arch)
+    target = build_checkpoint(str(tmp_path / "target"), {**arch, "use_sliding_window": False})
     with pytest.raises(ValueError, match="mixes sliding-window and full-attention"):
         LLM(target, dtype="float32", kv_cache_memory=2**20, speculative_method="draft",
             speculative_model=path, num_speculative_tokens=2)
