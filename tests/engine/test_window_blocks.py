@@ -1,7 +1,8 @@
 """Blocks outside a sliding window go back (yun/engine/kv_cache.py): on a model whose
 every layer slides, a sequence longer than the window holds at most ceil(W / block) + 1
 blocks, its tokens still equal transformers', and every block is free at the end; a
-model where only some layers slide keeps them all."""
+model where only some layers slide keeps them all in its full-attention group (its
+sliding group frees them: tests/engine/test_hybrid_window.py)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,9 @@ def test_all_sliding_model_keeps_a_window_of_blocks_and_matches_transformers(tmp
     assert eng.kv.num_free_blocks == eng.kv.num_blocks
 
 
-def test_a_model_with_full_attention_layers_keeps_every_block(tmp_path):
+def test_a_model_with_full_attention_layers_keeps_every_block_in_its_full_group(tmp_path):
     path = build_checkpoint(str(tmp_path), {**TINY, "max_window_layers": 1})
     llm = LLM(path, dtype="float32", kv_cache_memory=2**20)
-    assert llm.engine.kv.sliding_window is None
+    kv = llm.engine.kv
+    assert kv.sliding_window is None and kv.full.sliding_window is None
+    assert kv.sliding.sliding_window == WINDOW

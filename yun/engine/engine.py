@@ -18,6 +18,7 @@ from yun.engine.executor import Runner
 from yun.engine.guided import GuidedDecoder
 from yun.engine.inputs import check_prompt
 from yun.engine.kv_cache import KVCacheManager
+from yun.engine.kv_groups import HybridKVCacheManager
 from yun.engine.request import Request, RequestStatus
 from yun.engine.runner import ModelRunner
 from yun.engine.pooling import has_sentence_transformers_config, load_pooling
@@ -85,8 +86,7 @@ class LLMEngine:
             raise
         capacity = num_blocks * config.block_size
         self.max_model_len = self._resolve_max_len(config.max_model_len, capacity)
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                                 self._shared_window())
+        self.kv = self._make_kv(num_blocks)
         batched = config.max_num_batched_tokens or (
             512 if self.runner.device.type == "cpu" else 8192)
         if not config.enable_chunked_prefill:
@@ -144,6 +144,18 @@ class LLMEngine:
         else:
             proposer = NgramProposer()
         return Speculator(proposer, config.num_speculative_tokens)
+
+    def _make_kv(self, num_blocks: int) -> KVCacheManager | HybridKVCacheManager:
+        """One block pool, or two KV-cache groups when the runner split the cache for a
+        model with sliding and full layers (yun/engine/kv_groups.py)."""
+        config = self.config
+        window_blocks = getattr(self.runner, "num_window_blocks", 0)  # a test runner: none
+        if window_blocks:
+            return HybridKVCacheManager(num_blocks, window_blocks, config.block_size,
+                                        self.runner.group_window,
+                                        config.enable_prefix_caching)
+        return KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                              self._shared_window())
 
     def _shared_window(self) -> int | None:
         """The window past which blocks can be freed: the widest one when every layer

@@ -3,6 +3,10 @@
 `ModelRunner` (yun/engine/runner.py) is the real one; an engine built with
 `LLMEngine(config, runner=...)` uses the given one instead (tests drive the scheduler,
 stop conditions, preemption and aborts with a scripted runner, no model). No torch here.
+
+A runner may also offer `num_window_blocks` and `group_window` (ModelRunner does): a
+model mixing sliding and full layers then gets two KV-cache groups (yun/engine/kv_groups.py),
+`allocate_kv_cache` returning the full group's blocks. Without them: one group.
 """
 
 from __future__ import annotations

@@ -11,13 +11,18 @@ Sliding windows: when every attention layer of the model slides over the last W
 positions (Mistral-style; `sliding_window`), a request's blocks that lie wholly before
 its next query's window are given back after each step, and its block table keeps
 `FREED` in their place (positions stay block-table indices; no kernel reads them: the
-native decode kernel starts at the window, the torch path masks them). A model where
-only some layers slide (Qwen2's max_window_layers, layer_types) keeps every block: its
-full-attention layers share the same block table and need all of them. Freeing there
-would take a second block table and pool for the sliding layers (vLLM's KV-cache groups:
-per-group tables and slot mappings handed to each layer); not built.
-"""
+native decode kernel starts at the window, the torch path masks them).
 
+KV-cache groups (as vLLM's hybrid KV-cache manager): a model where only some layers
+slide (Qwen2's max_window_layers, layer_types) gets a `HybridKVCacheManager`, two pools
+over the same block size: the "full" group (`req.block_ids`, every block kept; the
+full-attention layers' caches) and the "sliding" group (`req.window_block_ids`, blocks
+outside the widest window W freed as above; the sliding layers' caches, sized by the
+runner for the most blocks the windows can hold). Both tables always have the same
+length (one entry per block of positions), allocation takes both or neither, and every
+release covers both. A prefix-cache hit of n full blocks counts only when the sliding
+group still holds (cached) the blocks of the last W positions before the hit point.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -56,14 +61,17 @@ class KVCacheStats:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 sliding_window: int | None = None):
-        """`sliding_window`: the window W when every attention layer slides (None: some
-        or all layers attend to everything, and every block is kept)."""
+                 sliding_window: int | None = None, table: str = "block_ids"):
+        """`sliding_window`: the window W of the layers this pool serves when they all
+        slide (None: some or all attend to everything, and every block is kept).
+        `table`: the Request attribute holding this pool's block table (a second group's
+        pool keeps its own: "window_block_ids")."""
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         if sliding_window is not None and sliding_window <= 0:
             raise ValueError(f"sliding_window must be positive, got {sliding_window}")
         self.sliding_window = sliding_window
+        self.table = table
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -88,6 +96,9 @@ class KVCacheManager:
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def _table(self, req: Request) -> list[int]:
+        return req.block_ids if self.table == "block_ids" else getattr(req, self.table)
 
     def _hashes(self, req: Request) -> list[BlockHash]:
         """Hashes of every full block of the request's known tokens (extended lazily)."""
@@ -123,29 +134,43 @@ class KVCacheManager:
             self.prefix_hits += num_hit_tokens
 
     # ---- allocation ----------------------------------------------------------------
+    def _need(self, req: Request, num_new_tokens: int, cached_blocks: list[int]) -> int | None:
+        """New blocks `allocate` would take, or None when too few are free."""
+        have = len(self._table(req)) + len(cached_blocks)
+        total = req.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
+        need = max(0, self.blocks_needed(total) - have)
+        free_cached = sum(1 for b in cached_blocks if b != FREED and self.ref_counts[b] == 0)
+        return None if need > len(self.free) - free_cached else need
+
+    def can_allocate(self, req: Request, num_new_tokens: int,
+                     cached_blocks: list[int] = ()) -> bool:
+        """Whether `allocate` with these arguments would succeed (changes nothing)."""
+        return self._need(req, num_new_tokens, list(cached_blocks)) is not None
+
     def allocate(self, req: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
         """Give `req` blocks for `num_new_tokens` more tokens after its computed ones.
 
         `cached_blocks` (from find_cached_prefix, first admission only) are shared, not
-        allocated. Returns False, changing nothing, when too few blocks are free.
+        allocated (a sliding group's may hold FREED: blocks outside the window). Returns
+        False, changing nothing, when too few blocks are free.
         """
         cached_blocks = list(cached_blocks)
-        have = len(req.block_ids) + len(cached_blocks)
-        total = req.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
-        need = max(0, self.blocks_needed(total) - have)
-        free_cached = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
-        if need > len(self.free) - free_cached:
+        need = self._need(req, num_new_tokens, cached_blocks)
+        if need is None:
             return False
+        table = self._table(req)
         for b in cached_blocks:
+            if b == FREED:
+                continue
             if self.ref_counts[b] == 0:
                 del self.free[b]
             self.ref_counts[b] += 1
-        req.block_ids.extend(cached_blocks)
+        table.extend(cached_blocks)
         for _ in range(need):
             b, _ = self.free.popitem(last=False)
             self._evict(b)
             self.ref_counts[b] = 1
-            req.block_ids.append(b)
+            table.append(b)
         return True
 
     def _evict(self, block: int) -> None:
@@ -160,9 +185,10 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         hashes = self._hashes(req)
-        n_full = min(req.num_computed_tokens // self.block_size, len(hashes))
+        table = self._table(req)
+        n_full = min(req.num_computed_tokens // self.block_size, len(hashes), len(table))
         for i in range(n_full):
-            block = req.block_ids[i]
+            block = table[i]
             if block == FREED or self.block_hash[block] is not None:
                 continue
             h = hashes[i]
@@ -174,8 +200,11 @@ class KVCacheManager:
         """Give back the request's blocks past its computed tokens and the next one
         (rejected speculative tokens held them); they are uncached, so reused first."""
         keep = self.blocks_needed(req.num_computed_tokens + 1)
-        while len(req.block_ids) > keep:
-            b = req.block_ids.pop()
+        table = self._table(req)
+        while len(table) > keep:
+            b = table.pop()
+            if b == FREED:
+                continue
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:
                 self._evict(b)
@@ -190,17 +219,18 @@ class KVCacheManager:
             return 0
         first_seen = req.num_computed_tokens - self.sliding_window + 1
         freed = 0
-        for i in range(min(max(0, first_seen) // self.block_size, len(req.block_ids))):
-            b = req.block_ids[i]
+        table = self._table(req)
+        for i in range(min(max(0, first_seen) // self.block_size, len(table))):
+            b = table[i]
             if b != FREED:
-                req.block_ids[i] = FREED
+                table[i] = FREED
                 self._release(b)
                 freed += 1
         return freed
 
     def num_live_blocks(self, req: Request) -> int:
         """Blocks the request holds (its block table less the FREED entries)."""
-        return sum(1 for b in req.block_ids if b != FREED)
+        return sum(1 for b in self._table(req) if b != FREED)
 
     def _release(self, b: int) -> None:
         """Drop one reference; a block nobody holds goes back to the free queue (an
@@ -213,10 +243,11 @@ class KVCacheManager:
 
     def free_request(self, req: Request) -> None:
         """Release the request's blocks; its last blocks are evicted first."""
-        for b in reversed(req.block_ids):
+        table = self._table(req)
+        for b in reversed(table):
             if b != FREED:
                 self._release(b)
-        req.block_ids.clear()
+        table.clear()
         self._req_hashes.pop(req.request_id, None)
 
     def reset_prefix_cache(self) -> None:

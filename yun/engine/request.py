@@ -46,6 +46,9 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
     block_ids: list[int] = field(default_factory=list)
+    # A model with sliding and full layers (yun/engine/kv_groups.py): the sliding group's
+    # block table (FREED outside the window); block_ids is then the full group's.
+    window_block_ids: list[int] = field(default_factory=list)
     stop_reason: str | int | None = None
     num_preemptions: int = 0
     # Logprobs collected by the runner, position by position.

@@ -8,7 +8,7 @@ Shapes: T = tokens this step, B_d = decode rows, N = rows whose logits are compu
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -84,6 +84,11 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        # Two KV-cache groups when only some layers slide (yun/engine/kv_groups.py): the
+        # sliding layers, their widest window and their pool's blocks (num_blocks is then
+        # the full group's). Empty / None / 0 for every other model.
+        self.sliding_layers, self.group_window = self._kv_groups()
+        self.num_window_blocks = 0
         # Speculative decoding with an MTP head reads the target's final hidden states:
         # with `keep_hidden`, each step's [T, E] tensor and layout stay here (no copy).
         self.keep_hidden = False
@@ -149,6 +154,35 @@ class ModelRunner:
         return kernels.paged_decode_attention(self._isa)
 
     # ---- KV cache --------------------------------------------------------------------
+    def _kv_groups(self) -> tuple[tuple[int, ...], int | None]:
+        """(the sliding layers, their widest window) when the model mixes sliding and
+        full-attention layers, else ((), None): one group, as before."""
+        if self.is_encoder:
+            return (), None
+        cfg = self.model_config
+        windows = [cfg.sliding_window(i) for i in range(cfg.num_layers)]
+        sliding = tuple(i for i, w in enumerate(windows) if w is not None)
+        if not sliding or len(sliding) == len(windows):
+            return (), None
+        layers = getattr(getattr(self.model, "model", None), "layers", None)
+        if layers is None or [getattr(layer.self_attn, "window", None)
+                              for layer in layers] != windows:
+            raise ValueError(f"{cfg.architecture} mixes sliding-window and full-attention "
+                             "layers, which yun runs only for the Llama-family attention "
+                             "(Qwen2, Qwen3)")
+        return sliding, max(windows[i] for i in sliding)
+
+    def _window_blocks_bound(self) -> int:
+        """The most blocks the sliding group can hold at once: each running request keeps
+        the blocks of its last W positions (at most ceil(W / bs) + 1) and, within a step,
+        those of its new tokens (at most ceil(n / bs) + 1; the n add up to the step budget)."""
+        bs, cfg = self.block_size, self.config
+        batched = cfg.max_num_batched_tokens or (512 if self.device.type == "cpu" else 8192)
+        if not cfg.enable_chunked_prefill:  # a whole prompt in one step
+            batched = max(batched, cfg.max_model_len or self.model_config.max_context_len)
+        return (cfg.max_num_seqs * (-(-self.group_window // bs) + 2)
+                + -(-batched // bs))
+
     def kv_cache_spec(self, num_blocks: int) -> tuple[tuple[int, ...], torch.dtype]:
         """One layer's cache shape and dtype: the model's spec, or with an int8 cache
         (yun/layers/kv_quant.py) its rows widened by their float32 scale."""
@@ -186,17 +220,41 @@ class ModelRunner:
         budget = memory_bytes or default_kv_cache_bytes(self.device)
         per_block = self.kv_bytes_per_token() * self.block_size
         self.num_blocks = budget // per_block
+        if self.sliding_layers:  # two groups: the sliding pool first, the rest full
+            self.num_blocks, self.num_window_blocks = self._split_kv_budget(budget)
         if self.tp is not None:  # every rank must hold the same blocks
             self.num_blocks = self.tp.min_over_ranks(self.num_blocks)
-        if self.num_blocks < 1:
+            if self.sliding_layers:
+                self.num_window_blocks = self.tp.min_over_ranks(self.num_window_blocks)
+        if self.num_blocks < 1 or (self.sliding_layers and self.num_window_blocks < 1):
             raise ValueError(f"kv_cache_memory={budget} bytes holds no block of "
                              f"{self.block_size} tokens ({per_block} bytes per block)")
         shape, dtype = self.kv_cache_spec(self.num_blocks)
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device)
-                          for _ in range(self.model_config.num_layers)]
+        if self.sliding_layers:
+            window_shape, _ = self.kv_cache_spec(self.num_window_blocks)
+            self.kv_caches = [
+                torch.zeros(window_shape if i in self.sliding_layers else shape,
+                            dtype=dtype, device=self.device)
+                for i in range(self.model_config.num_layers)]
+        else:
+            self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device)
+                              for _ in range(self.model_config.num_layers)]
         if self.tp is None or self.tp.rank == 0:
             print(f"yun: {self.describe_kv_cache()}", file=sys.stderr, flush=True)
         return self.num_blocks
+
+    def _split_kv_budget(self, budget: int) -> tuple[int, int]:
+        """(full-group blocks, sliding-group blocks) for `budget` bytes: the sliding pool
+        gets what its windows can hold (`_window_blocks_bound`), never more blocks than
+        an even split would give every layer; the full-attention layers get the rest."""
+        layer_block = self.kv_bytes_per_token() // self.model_config.num_layers \
+            * self.block_size  # one layer's bytes for one block
+        n_sliding = len(self.sliding_layers)
+        n_full = self.model_config.num_layers - n_sliding
+        even = budget // (layer_block * self.model_config.num_layers)
+        window_blocks = min(self._window_blocks_bound(), even)
+        return (budget - window_blocks * layer_block * n_sliding) // (layer_block * n_full), \
+            window_blocks
 
     def describe_kv_cache(self) -> str:
         """The start-up line on the KV cache: its element type, bytes per token, and how
@@ -204,6 +262,18 @@ class ModelRunner:
         kind = ("int8 + float32 scale per token and head" if self.config.kv_cache_dtype == "int8"
                 else str(self.dtype).removeprefix("torch."))
         per_token = self.kv_bytes_per_token()
+        if self.sliding_layers:
+            layers = self.model_config.num_layers
+            per_layer = per_token // layers * self.block_size  # one layer, one block
+            n_sliding = len(self.sliding_layers)
+            full_mib = per_layer * (layers - n_sliding) * self.num_blocks / 2**20
+            window_mib = per_layer * n_sliding * self.num_window_blocks / 2**20
+            return (f"KV cache: {kind}, {per_token} bytes per token, two groups: "
+                    f"{layers - n_sliding} full-attention layers {self.num_blocks} blocks of "
+                    f"{self.block_size} = {self.num_blocks * self.block_size} tokens fit "
+                    f"({full_mib:.1f} MiB); {n_sliding} sliding layers (window "
+                    f"{self.group_window}) {self.num_window_blocks} blocks "
+                    f"({window_mib:.1f} MiB)")
         total = per_token * self.num_blocks * self.block_size
         return (f"KV cache: {kind}, {per_token} bytes per token, {self.num_blocks} blocks of "
                 f"{self.block_size} = {self.num_blocks * self.block_size} tokens fit "
@@ -255,6 +325,8 @@ class ModelRunner:
             decode_mask=decode_mask,
             prefills=prefills,
         )
+        if self.sliding_layers:
+            attn.sliding = self._sliding_view(attn, order)
         return StepInputs(torch.tensor(ids, dtype=torch.long, device=dev),
                           torch.from_numpy(np.concatenate(pos_chunks)).to(dev),
                           attn, order, q_starts)
@@ -278,10 +350,39 @@ class ModelRunner:
             decode_context_lens=lens,
             decode_mask=(span[None, :] < lens[:, None])[:, None, None, :],  # [B_d, 1, 1, L]
         )
+        if self.sliding_layers:
+            attn.sliding = self._sliding_view(attn, order)
         ids = [s.request.token_ids_slice(p, p + 1)[0] for s, p in zip(order, pos)]
         return StepInputs(torch.tensor(ids, dtype=torch.long, device=dev),
                           torch.tensor(pos, dtype=torch.long, device=dev),
                           attn, list(order), list(range(len(order))))
+
+    def _sliding_view(self, attn: AttentionMetadata,
+                      order: list[ScheduledRequest]) -> AttentionMetadata:
+        """The sliding group's metadata for the batch `attn` describes: the same rows,
+        lengths and masks over `req.window_block_ids` (FREED entries before each window
+        are never read: masked, or skipped by the native kernel)."""
+        bs, dev, nd = self.block_size, self.device, attn.num_decodes
+        slots: list[np.ndarray] = []
+        tables: list[list[int]] = []
+        prefills: list[PrefillSeq] = []
+        for i, s in enumerate(order):
+            table = np.asarray(s.request.window_block_ids, dtype=np.int64)
+            pos = np.arange(s.start, s.start + s.num_new_tokens, dtype=np.int64)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            if i < nd:
+                tables.append(s.request.window_block_ids)
+            else:
+                p = attn.prefills[i - nd]
+                nblk = -(-p.ctx_len // bs)
+                prefills.append(replace(p, block_table=torch.from_numpy(table[:nblk]).to(dev)))
+        dec_tables = None
+        if nd:  # as wide as the full group's: one entry per block of positions in both
+            width = attn.decode_block_tables.shape[1]
+            dec_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                      dtype=torch.long, device=dev)
+        return replace(attn, slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+                       decode_block_tables=dec_tables, prefills=prefills)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from yun.engine import priority
 from yun.engine.kv_cache import KVCacheManager
+from yun.engine.kv_groups import HybridKVCacheManager
 from yun.engine.request import Request, RequestStatus
 from yun.outputs import PositionLogprobs
 
@@ -80,7 +81,7 @@ class RunnerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager | HybridKVCacheManager):
         self.config = config
         self.kv = kv
         self.waiting: deque[Request] = deque()

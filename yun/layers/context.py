@@ -26,6 +26,10 @@ class AttentionMetadata:
 
     The runner orders sequences so that the first `num_decodes` tokens belong to
     sequences computing exactly one token (decodes); each of those is one row.
+
+    A model with sliding and full layers (two KV-cache groups, yun/engine/kv_groups.py):
+    this is the full group's view, and `sliding` the sliding layers' (the same
+    sequences, lengths and masks; their own slot mapping and block tables).
     """
 
     slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) per token
@@ -34,6 +38,11 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # [B_d]
     decode_mask: torch.Tensor | None  # [B_d, 1, 1, max_blocks * block_size] bool, True = attend
     prefills: list[PrefillSeq] = field(default_factory=list)
+    sliding: "AttentionMetadata | None" = None  # the sliding group's view (two groups only)
+
+    def for_window(self, window: int | None) -> "AttentionMetadata":
+        """The view a layer with this window (None: full attention) reads."""
+        return self if window is None or self.sliding is None else self.sliding
 
     def token_seq_lens(self, num_tokens: int) -> torch.Tensor:
         """[T] (cpu, long): the length each token's sequence reaches at the end of this

@@ -12,7 +12,8 @@ says so: yun/models/llama.py's DecoderLayer, Attention without q/k norms, MLP) o
 (QuantLinear) that the native kernels run, and the step qualifies when it is decodes only
 on the native CPU kernels with the cache in the activations' dtype. Anything else (dense
 HF weights, Qwen3's q/k norms, MoE, prefill, speculative verification, an int8 cache)
-takes the Python path.
+takes the Python path, and so does a model with two KV-cache groups (sliding and full
+layers: the plan takes one block table for every layer).
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def run_layers(model: torch.nn.Module, layers: list[Any], x: torch.Tensor,
     ctx = get_forward_context()
     meta = ctx.attn
     kernels = current()
-    if (meta.num_decodes != x.shape[0] or meta.prefills or kernels.decode is None
+    if (meta.num_decodes != x.shape[0] or meta.prefills or meta.sliding is not None
+            or kernels.decode is None
             or not fused.usable(x) or x.dtype != cos.dtype or cos.dim() != 2):
         return None
     caches = ctx.kv_caches

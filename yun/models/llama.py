@@ -38,14 +38,16 @@ class Attention(nn.Module):
         """x: [T, E]; cos, sin: [T, D] rows of the rotary table -> [T, E]."""
         T, h, kvh, d = x.shape[0], self.h, self.kvh, self.d
         qkv = self.qkv_proj(x)  # [T, (H + 2 KvH) * D]: q, k, v heads
-        cache = get_forward_context().kv_caches[self.layer_idx]
+        ctx = get_forward_context()
+        cache = ctx.kv_caches[self.layer_idx]  # sized for this layer's KV-cache group
+        meta = ctx.attn.for_window(self.window)  # and its group's tables and slots
         if self.q_norm is None:  # rotary, cache write and attention: one call at decode
             return self.o_proj(qkv_attention(qkv, h, kvh, cos, sin, cache, self.scale,
-                                              window=self.window))
+                                              meta, window=self.window))
         heads = qkv.view(T, h + 2 * kvh, d)  # [T, H + 2 KvH, D]
         q, k = self.q_norm(heads[:, :h]), self.k_norm(heads[:, h:h + kvh])
         q, k = apply_rope_(q, cos, sin), apply_rope_(k, cos, sin)
-        o = paged_attention(q, k, heads[:, h + kvh:], cache, self.scale,
+        o = paged_attention(q, k, heads[:, h + kvh:], cache, self.scale, meta,
                             window=self.window)  # [T, H, D]
         return self.o_proj(o.reshape(T, h * d))
 

@@ -148,6 +148,10 @@ def build_draft_proposer(config: EngineConfig, target_config: ModelConfig,
     runner = ModelRunner(draft_config, replace(config, model=path), role="draft")
     if runner.is_encoder:
         raise ValueError(f"the draft model {path} is an encoder; it cannot propose tokens")
+    if runner.sliding_layers:  # its shadows keep one block table (spec/shadow.py)
+        raise ValueError(f"the draft model {path} mixes sliding-window and full-attention "
+                         "layers (two KV-cache groups), which a draft does not support; "
+                         "use a draft whose layers all attend alike")
     room = config.max_num_seqs * (config.num_speculative_tokens + config.block_size)
     tokens = target_capacity + room
     num_blocks = runner.allocate_kv_cache(runner.kv_bytes_per_token() * tokens +
