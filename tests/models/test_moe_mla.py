@@ -216,11 +216,12 @@ V3_CONFIG: dict[str, Any] = {  # deepseek-ai/DeepSeek-V3 config.json, the fields
 def test_v3_cache_is_576_values_per_layer_71x_smaller_than_mha():
     from yun.config import EngineConfig, ModelConfig
     from yun.engine.runner import ModelRunner
-    from yun.models.deepseek_v3 import DeepseekV3ForCausalLM, is_moe_layer
+    from yun.models.deepseek_v3 import is_moe_layer
+    from yun.models.registry import arch_spec, model_class
 
     cfg = ModelConfig.from_dict(V3_CONFIG)
     with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(cfg)
+        model = model_class(cfg.architecture)(cfg, arch_spec(cfg))
     runner = SimpleNamespace(model=model, dtype=torch.bfloat16, model_config=cfg,
                              config=EngineConfig())
     runner.kv_cache_spec = lambda n: ModelRunner.kv_cache_spec(runner, n)

@@ -8,7 +8,7 @@ makes the same native calls in the same order from C++, so the output is the Pyt
 path's bit for bit; the Python layers stay the reference and the fallback.
 
 A model qualifies when every layer is the plain Llama skeleton (its `plain_skeleton()`
-says so: yun/models/llama.py's DecoderLayer, Attention without q/k norms, MLP) over GGUF-quantized weights
+says so: yun/models/decoder.py's DecoderLayer, Attention without q/k norms, MLP) over GGUF-quantized weights
 (QuantLinear) that the native kernels run, and the step qualifies when it is decodes only
 on the native CPU kernels with the cache in the activations' dtype. Anything else (dense
 HF weights, Qwen3's q/k norms, MoE, prefill, speculative verification, an int8 cache)

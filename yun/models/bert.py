@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from yun.config import ModelConfig
+from yun.models.spec import ArchSpec, LoaderHooks
 
 
 def _act(name: str):
@@ -115,10 +116,11 @@ class BertModel(nn.Module):
     """`encode(input_ids, attention_mask)` -> the last hidden states [B, L, E]."""
 
     is_encoder = True
-    ignored_suffixes = ("position_ids",)
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, spec: ArchSpec):
         super().__init__()
+        if not spec.encoder:
+            raise ValueError(f"BertModel is an encoder; {cfg.path}: the spec says a decoder")
         if cfg.hf.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"{cfg.path}: BertModel with position_embedding_type "
                              f"{cfg.hf['position_embedding_type']!r} is not supported")
@@ -126,13 +128,10 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(cfg)
         self.encoder = BertEncoder(cfg)
 
-    @staticmethod
-    def skip_weight(name: str) -> bool:
-        return name.startswith("pooler.")  # the NSP pooler: not used for embeddings
-
-    def weight_target(self, name: str) -> tuple[str, None] | None:
-        """Checkpoints saved from BertForMaskedLM & co. prefix the encoder's names."""
-        return (name.removeprefix("bert."), None) if name.startswith("bert.") else None
+    def loader_hooks(self) -> LoaderHooks:
+        return LoaderHooks(ignored_suffixes=("position_ids",), skip=is_pooler_weight,
+                           weight_target=unprefixed,
+                           tied_head=self.cfg.tie_word_embeddings)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: [B, L] (mask 1 for real tokens) -> [B, L, E]."""
@@ -141,3 +140,12 @@ class BertModel(nn.Module):
         for layer in self.encoder.layer:
             x = layer(x, mask)
         return x
+
+
+def is_pooler_weight(name: str) -> bool:
+    return name.startswith("pooler.")  # the NSP pooler: not used for embeddings
+
+
+def unprefixed(name: str) -> tuple[str, None] | None:
+    """Checkpoints saved from BertForMaskedLM & co. prefix the encoder's names."""
+    return (name.removeprefix("bert."), None) if name.startswith("bert.") else None

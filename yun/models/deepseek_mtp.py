@@ -30,8 +30,11 @@ from yun.layers.linear import Linear
 from yun.layers.moe import expert_checkpoint_name, expert_weight_target
 from yun.layers.norm import RMSNorm
 from yun.layers.rotary import RotaryEmbedding
-from yun.models.deepseek_v3 import DecoderLayer, DeepseekV3ForCausalLM
+from yun.models.decoder import IGNORED_SUFFIXES, DecoderLayer
+from yun.models.deepseek_v3 import MLAttention
 from yun.models.errors import CheckpointError
+from yun.models.llama import MLP
+from yun.models.spec import ArchSpec, LoaderHooks
 
 SHARED_WITH_TARGET = ("embed_tokens.", "shared_head.head.")  # the target's copies
 OWN_TENSORS = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
@@ -44,12 +47,7 @@ class SharedHead(nn.Module):
 
 
 class DeepseekV3MTP(nn.Module):
-    stacked = DeepseekV3ForCausalLM.stacked
-    ignored_suffixes = DeepseekV3ForCausalLM.ignored_suffixes
-    weight_target = staticmethod(expert_weight_target)  # experts.{i}.* -> stacked experts
-    checkpoint_name = staticmethod(expert_checkpoint_name)
-
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, spec: ArchSpec):
         super().__init__()
         E = cfg.hidden_size
         self.cfg = cfg
@@ -57,10 +55,16 @@ class DeepseekV3MTP(nn.Module):
         self.hnorm = RMSNorm(E, cfg.rms_norm_eps)
         self.eh_proj = Linear(2 * E, E, bias=False)
         # Layer N of the checkpoint (an MoE layer in V3), caching in cache 0 of its own.
-        self.layer = DecoderLayer(cfg, cfg.num_layers, cache_idx=0)
+        self.layer = DecoderLayer(cfg, spec, cfg.num_layers, cache_idx=0)
         self.shared_head = SharedHead(cfg)
-        self.rotary = RotaryEmbedding(cfg.hf["qk_rope_head_dim"], cfg.rope_theta,
+        self.rotary = RotaryEmbedding(MLAttention.rope_dim(cfg), cfg.rope_theta,
                                       cfg.rope_scaling, cfg.max_position_embeddings)
+
+    def loader_hooks(self) -> LoaderHooks:
+        return LoaderHooks(stacked=MLP.stacked, ignored_suffixes=IGNORED_SUFFIXES,
+                           weight_target=expert_weight_target,  # experts.{i}.* -> stacked
+                           checkpoint_name=expert_checkpoint_name,
+                           tied_head=self.cfg.tie_word_embeddings)
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:
@@ -69,12 +73,11 @@ class DeepseekV3MTP(nn.Module):
         embeds = torch.where(positions[:, None] == 0, 0, embeds)  # not needed at position 0
         x = self.eh_proj(torch.cat([self.enorm(embeds), self.hnorm(hidden.to(embeds.dtype))],
                                    dim=-1))  # [T, E]
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        cos, sin = self.rotary.cos_sin_rows(positions, x.dtype)  # [T, R]
         return self.layer(x, cos, sin)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        hf = self.cfg.hf
-        return (num_blocks, block_size, hf["kv_lora_rank"] + hf["qk_rope_head_dim"])
+        return MLAttention.cache_shape(self.cfg, num_blocks, block_size)
 
 
 def mtp_layer_index(cfg: ModelConfig) -> int:

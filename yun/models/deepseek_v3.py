@@ -1,6 +1,6 @@
-"""DeepSeek-V3 (and V3.1, R1, Kimi-K2, Moonlight: the same architecture).
-
-x -> embed -> N x [x + MLA(norm(x)); x + FFN(norm(x))] -> norm -> lm_head
+"""DeepSeek-V3's parts (and V3.1, R1, Kimi-K2, Moonlight: the same architecture), for
+the decoder of yun/models/decoder.py: x -> embed -> N x [x + MLA(norm(x)); x + FFN(norm(x))]
+-> norm -> lm_head.
 - MLA (multi-head latent attention): keys and values come from one low-rank latent per
   token (kv_lora_rank) plus one shared rotary key (qk_rope_head_dim); only those are
   cached (see yun/layers/mla_attention.py). Queries go through their own low-rank
@@ -15,27 +15,27 @@ R = qk_rope_head_dim, Dv = v_head_dim, L = kv_lora_rank, X = routed experts.
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
 from yun.config import ModelConfig
 from yun.layers.context import get_forward_context
 from yun.layers.mla_attention import mla_attention
-from yun.layers.moe import (FusedExperts, expert_checkpoint_name, expert_weight_target,
-                            grouped_topk)
+from yun.layers.moe import FusedExperts, grouped_topk
 from yun.layers.norm import RMSNorm
-from yun.layers.rotary import RotaryEmbedding, apply_rope
+from yun.layers.rotary import apply_rope
 from yun.layers.yarn import yarn_mscale
 from yun.models.llama import MLP
+from yun.models.spec import ArchSpec
 
 
 class MLAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    stacked: dict[str, tuple[str, int]] = {}  # no fused projections
+
+    def __init__(self, cfg: ModelConfig, spec: ArchSpec, layer_idx: int, cache_idx: int):
         super().__init__()
         hf, E, bias = cfg.hf, cfg.hidden_size, cfg.attention_bias
-        self.layer_idx = layer_idx  # its cache in the forward context's kv_caches
+        self.layer_idx = cache_idx  # its cache in the forward context's kv_caches
         self.h, self.L = cfg.num_heads, hf["kv_lora_rank"]
         self.dn, self.r, self.dv = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"], hf["v_head_dim"]
         q_out = self.h * (self.dn + self.r)
@@ -55,13 +55,24 @@ class MLAttention(nn.Module):
         self.interleaved = hf.get("rope_interleave", True)
         self.scale = (self.dn + self.r) ** -0.5 * softmax_mscale(cfg) ** 2
 
+    @staticmethod
+    def rope_dim(cfg: ModelConfig) -> int:
+        return cfg.hf["qk_rope_head_dim"]
+
+    @staticmethod
+    def cache_shape(cfg: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """One layer's cache: the latent and the rope key of every slot."""
+        return (num_blocks, block_size, cfg.hf["kv_lora_rank"] + cfg.hf["qk_rope_head_dim"])
+
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.interleaved:
             x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
         return apply_rope(x, cos, sin)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [T, E]; cos, sin: [T, R] rows of the rotary table -> [T, E]."""
         T = x.shape[0]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, R]: broadcast over heads
         if self.q_lora:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # [T, H * (Dn + R)]
         else:
@@ -120,6 +131,13 @@ class DeepseekMoE(nn.Module):
         return out
 
 
+def ffn(cfg: ModelConfig, spec: ArchSpec, layer_idx: int) -> nn.Module:
+    """DeepSeekMoE on the MoE layers, the dense SwiGLU on the others."""
+    if is_moe_layer(cfg.hf, layer_idx):
+        return DeepseekMoE(cfg)
+    return MLP(cfg.hidden_size, cfg.intermediate_size, bias=spec.mlp_bias)
+
+
 def is_moe_layer(hf: dict, i: int) -> bool:
     return (bool(hf.get("n_routed_experts")) and i >= hf.get("first_k_dense_replace", 0)
             and i % (hf.get("moe_layer_freq") or 1) == 0)
@@ -131,71 +149,3 @@ def softmax_mscale(cfg: ModelConfig) -> float:
     if s.get("mscale_all_dim"):
         return yarn_mscale(s["factor"], s["mscale_all_dim"])
     return 1.0
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, cache_idx: int | None = None):
-        """`cache_idx`: which of the forward context's caches the attention uses (default:
-        layer_idx; the MTP layer, layer N of the checkpoint, has a cache list of its own)."""
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLAttention(cfg, layer_idx if cache_idx is None else cache_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = (DeepseekMoE(cfg) if is_moe_layer(cfg.hf, layer_idx)
-                    else MLP(cfg.hidden_size, cfg.intermediate_size, bias=False))
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
-class DeepseekV3ForCausalLM(nn.Module):
-    stacked: dict[str, tuple[str, int]] = {
-        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-    ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
-    weight_target = staticmethod(expert_weight_target)  # experts.{i}.* -> stacked experts
-    checkpoint_name = staticmethod(expert_checkpoint_name)
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.model = DecoderModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.tie_weights()
-        self.rotary = RotaryEmbedding(cfg.hf["qk_rope_head_dim"], cfg.rope_theta,
-                                      cfg.rope_scaling, cfg.max_position_embeddings)
-
-    def tie_weights(self) -> None:
-        if self.cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def skip_weight(self, name: str) -> bool:
-        """Skip the multi-token-prediction module (`num_nextn_predict_layers`, stored as
-        model.layers.{num_hidden_layers}.*): it predicts one token further ahead, and
-        `--speculative-method mtp` loads it on its own (yun/models/deepseek_mtp.py)."""
-        m = re.match(r"model\.layers\.(\d+)\.", name)
-        return m is not None and int(m.group(1)) >= self.cfg.num_layers
-
-    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        """One layer's cache: the latent and the rope key of every slot."""
-        hf = self.cfg.hf
-        return (num_blocks, block_size, hf["kv_lora_rank"] + hf["qk_rope_head_dim"])
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, E]."""
-        x = self.model.embed_tokens(input_ids)  # [T, E]
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)  # [T, 1, R]
-        for layer in self.model.layers:
-            x = layer(x, cos, sin)
-        return self.model.norm(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()

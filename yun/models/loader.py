@@ -15,8 +15,9 @@ from yun.config import ModelConfig
 from yun.layers.linear import Linear
 from yun.layers.quant_linear import QuantEmbedding, QuantLinear, QuantTensor, QuantWeight
 from yun.models.errors import CheckpointError
-from yun.models.registry import model_class
+from yun.models.registry import arch_spec, model_class
 from yun.models.slices import Cut, SafetensorsEntry, nbytes, read_entry, shape_of
+from yun.models.spec import Loadable, LoaderHooks
 
 Shard = Callable[[nn.Module], dict[str, Cut]]  # shapes a meta model to one rank's share
 
@@ -62,17 +63,26 @@ def iter_tensors(files: list[str]) -> Iterator[tuple[str, str, SafetensorsEntry]
             yield path, name, entry
 
 
-def _target(model: nn.Module, name: str) -> tuple[str, Any]:
-    """Checkpoint name -> (our parameter name, part index in a fused parameter).
+def loader_hooks(model: nn.Module) -> LoaderHooks:
+    """What `model` declares the loader may do with it (yun/models/spec.py); TypeError
+    for a model that declares nothing."""
+    if not isinstance(model, Loadable):
+        raise TypeError(f"{type(model).__name__} declares no loader_hooks(): a model the "
+                        "loader fills returns its LoaderHooks (yun/models/spec.py)")
+    hooks = model.loader_hooks()
+    if not isinstance(hooks, LoaderHooks):
+        raise TypeError(f"{type(model).__name__}.loader_hooks() returned "
+                        f"{type(hooks).__name__}, not LoaderHooks")
+    return hooks
 
-    A model may define `weight_target(name) -> (param name, part) | None` for names the
-    `stacked` table cannot express (e.g. one tensor per MoE expert stacked into one
-    parameter); None falls back to the table.
-    """
-    if (hook := getattr(model, "weight_target", None)) and (found := hook(name)) is not None:
+
+def _target(hooks: LoaderHooks, name: str) -> tuple[str, Any]:
+    """Checkpoint name -> (our parameter name, part index in a fused parameter):
+    `weight_target` first (None: not its kind), then the `stacked` table."""
+    if (found := hooks.weight_target(name)) is not None:
         return found
     parts = name.split(".")
-    for ckpt, (ours, idx) in getattr(model, "stacked", {}).items():
+    for ckpt, (ours, idx) in hooks.stacked.items():
         if ckpt in parts:
             return ".".join(ours if p == ckpt else p for p in parts), idx
     return name, None
@@ -97,6 +107,7 @@ def load_tensors(model: nn.Module, tensors: Iterable[tuple[str, str, Any]], labe
     tensor is dequantized into its parameter. `quantize_to` (e.g. "q8_0") quantizes dense
     weights of those same modules into that GGUF block type while loading.
     """
+    hooks = loader_hooks(model)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     expected: set[tuple[str, Any]] = set()
@@ -104,18 +115,14 @@ def load_tensors(model: nn.Module, tensors: Iterable[tuple[str, str, Any]], labe
         mod = modules[pname.rsplit(".", 1)[0]] if "." in pname else model
         parts = _parts(mod)
         expected.update((pname, i) for i in parts) if parts else expected.add((pname, None))
-    tied = getattr(getattr(model, "cfg", None), "tie_word_embeddings", False)
-    ignored = tuple(getattr(model, "ignored_suffixes", ()))
     loaded: set[tuple[str, Any]] = set()
     kept: dict[str, dict[Any, QuantTensor]] = {}  # module name -> part -> quantized weight
     read = 0
     for path, name, entry in tensors:
-        if name.endswith(ignored) or (tied and name == "lm_head.weight"):
+        if (name.endswith(hooks.ignored_suffixes) or hooks.skip(name)
+                or (hooks.tied_head and name == "lm_head.weight")):
             continue
-        if skip := getattr(model, "skip_weight", None):
-            if skip(name):
-                continue
-        target, part = _target(model, name)
+        target, part = _target(hooks, name)
         param = params.get(target)
         if param is None:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} "
@@ -143,11 +150,11 @@ def load_tensors(model: nn.Module, tensors: Iterable[tuple[str, str, Any]], labe
             dest.copy_(tensor)
     missing = sorted(expected - loaded, key=str)
     if missing:
-        names = [_checkpoint_name(model, p, i) for p, i in missing]
+        names = [_checkpoint_name(hooks, p, i) for p, i in missing]
         shown = ", ".join(repr(n) for n in names[:5]) + (" ..." if len(names) > 5 else "")
         raise CheckpointError(f"{label}: missing tensor(s) {shown} ({len(names)} missing)")
     if kept:
-        _swap_quantized(model, modules, kept)
+        _swap_quantized(model, modules, kept, hooks.tied_head)
     return read
 
 
@@ -206,12 +213,11 @@ def _quantizable(mod: nn.Module, target: str) -> bool:
 
 
 def _swap_quantized(model: nn.Module, modules: dict[str, nn.Module],
-                    kept: dict[str, dict[Any, QuantTensor]]) -> None:
+                    kept: dict[str, dict[Any, QuantTensor]], tied_head: bool) -> None:
     """Replace each module whose weight stayed quantized by its quantized form. Parts
     of a fused layer that were dense (e.g. an F16 V next to Q4_K Q and K) join as float
     parts."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    tied = getattr(getattr(model, "cfg", None), "tie_word_embeddings", False)
     for modname, parts in kept.items():
         mod = modules[modname]
         merged = bool(getattr(mod, "output_sizes", None))  # parts 0..n-1, else one (None)
@@ -228,7 +234,7 @@ def _swap_quantized(model: nn.Module, modules: dict[str, nn.Module],
         parent = modules[parent_name] if parent_name else model
         if attr == "embed_tokens":
             setattr(parent, attr, QuantEmbedding(weight, dtype))
-            if tied and isinstance(getattr(model, "lm_head", None), Linear):
+            if tied_head and isinstance(getattr(model, "lm_head", None), Linear):
                 model.lm_head = QuantLinear(weight, None)
         else:
             setattr(parent, attr, QuantLinear(weight, mod.bias, sizes))
@@ -242,12 +248,12 @@ def _parts(mod: nn.Module) -> list[Any]:
     return list(range(len(getattr(mod, "output_sizes", []))))
 
 
-def _checkpoint_name(model: nn.Module, pname: str, part: Any) -> str:
+def _checkpoint_name(hooks: LoaderHooks, pname: str, part: Any) -> str:
     if part is None:
         return pname
-    if (hook := getattr(model, "checkpoint_name", None)) and (found := hook(pname, part)):
+    if found := hooks.checkpoint_name(pname, part):
         return found
-    for ckpt, (ours, idx) in getattr(model, "stacked", {}).items():
+    for ckpt, (ours, idx) in hooks.stacked.items():
         if idx == part and f".{ours}." in f".{pname}":
             return pname.replace(ours, ckpt)
     return f"{pname}[part {part}]"
@@ -270,18 +276,18 @@ def resolve_dtype(cfg: ModelConfig, dtype: str, device: torch.device) -> torch.d
 def build_empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                       label: str, cls: type[nn.Module] | None = None,
                       shard: Shard | None = None) -> nn.Module:
-    """The model's modules (of `cls`, default: the architecture's class) with
+    """The model's modules (of `cls`, default: the architecture's class, built with the
+    architecture's spec) with
     uninitialised weights on `device` (no time spent on random init), computed buffers
     (rope tables) built. `shard` reshapes the model to one tensor-parallel rank's share
     while it is still on the meta device."""
     cls = cls or model_class(cfg.architecture, label)
     with torch.device("meta"):
-        model = cls(cfg)
+        model = cls(cfg, arch_spec(cfg, label))
     if shard is not None:
         shard(model)
     model = model.to_empty(device=device).to(dtype=dtype)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    loader_hooks(model).tie()
     for module in model.modules():  # computed buffers are not in checkpoints
         if hasattr(module, "build_buffers"):
             module.build_buffers(device)

@@ -1,7 +1,7 @@
 """Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B) and Qwen3-MoE (Qwen3-30B-A3B, 235B-A22B).
 
-The attention is Qwen2's (QKV bias) or Qwen3's (q/k RMSNorm, no bias); the MLP of a
-sparse layer becomes a mixture of experts:
+The attention is Qwen2's (QKV bias) or Qwen3's (q/k RMSNorm), chosen by the spec; the MLP
+of a sparse layer becomes a mixture of experts:
     y = sum_k w_k * expert_k(x)                      (softmax router, top-k experts)
       + sigmoid(shared_expert_gate(x)) * shared_expert(x)      (Qwen2-MoE only)
 Every `decoder_sparse_step`-th layer is sparse, except those in `mlp_only_layers`,
@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from yun.config import ModelConfig
-from yun.layers.moe import FusedExperts, expert_checkpoint_name, expert_weight_target, softmax_topk
-from yun.models.llama import MLP, DecoderLayer
-from yun.models.qwen2 import Qwen2ForCausalLM
-from yun.models.qwen3 import Qwen3ForCausalLM
+from yun.layers.moe import FusedExperts, softmax_topk
+from yun.models.llama import MLP
+from yun.models.spec import ArchSpec
 
 
 class SparseMoeBlock(nn.Module):
@@ -47,29 +46,13 @@ def num_experts(hf: dict) -> int:
     return hf.get("num_experts") or hf.get("num_local_experts") or 0
 
 
+def ffn(cfg: ModelConfig, spec: ArchSpec, layer_idx: int) -> nn.Module:
+    """The sparse MoE block on the sparse layers, the dense SwiGLU on the others."""
+    if is_sparse_layer(cfg.hf, layer_idx):
+        return SparseMoeBlock(cfg)
+    return MLP(cfg.hidden_size, cfg.intermediate_size, bias=spec.mlp_bias)
+
+
 def is_sparse_layer(hf: dict, i: int) -> bool:
     return (i not in (hf.get("mlp_only_layers") or []) and num_experts(hf) > 0
             and (i + 1) % (hf.get("decoder_sparse_step") or 1) == 0)
-
-
-class MoeDecoderLayer(DecoderLayer):
-    def make_mlp(self, cfg: ModelConfig, layer_idx: int) -> nn.Module:
-        if is_sparse_layer(cfg.hf, layer_idx):
-            return SparseMoeBlock(cfg)
-        return MLP(cfg.hidden_size, cfg.intermediate_size, bias=False)
-
-
-class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
-    layer_cls = MoeDecoderLayer
-    weight_target = staticmethod(expert_weight_target)  # experts.{i}.* -> stacked experts
-    checkpoint_name = staticmethod(expert_checkpoint_name)
-
-    @staticmethod
-    def qkv_bias(cfg: ModelConfig) -> bool:
-        return cfg.hf.get("qkv_bias", True)
-
-
-class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
-    layer_cls = MoeDecoderLayer
-    weight_target = staticmethod(expert_weight_target)
-    checkpoint_name = staticmethod(expert_checkpoint_name)
