@@ -15,7 +15,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 KERNEL_ISAS = ("auto", "avx512", "avx2")  # yun.kernels.ISAS, and auto
 SPECULATIVE_METHODS = ("ngram", "draft", "mtp")
-KV_CACHE_DTYPES = ("auto", "int8")
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 
 
 TASKS = ("auto", "generate", "embed")
@@ -64,7 +64,9 @@ class EngineConfig:
         "values quantized as they are written, one float32 scale per token and head: "
         "head_dim + 4 bytes per row, about half of bfloat16 and a quarter of float32, so "
         "about twice (four times) the tokens fit in --kv-cache-memory; read by the native "
-        "decode kernels and the torch path alike). Not for MLA models (DeepSeek-V3).",
+        "decode kernels and the torch path alike) or fp8 (float8 e4m3, no scale, clamped "
+        "to +-448: head_dim bytes per row; meant for CUDA, on a CPU only the slower torch "
+        "path reads it). Neither for MLA models (DeepSeek-V3).",
         choices=KV_CACHE_DTYPES)
     max_num_seqs: int = _opt(64, "Most requests that run in one engine step.")
     max_num_batched_tokens: int | None = _opt(

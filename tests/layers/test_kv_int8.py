@@ -80,3 +80,20 @@ def test_fused_decode_step_writes_the_rows_torch_writes(isa):
                                          torch_cache, D ** -0.5, meta)
     assert torch.equal(torch_cache, native)
     assert (out.view(B, H, D) - want).abs().max().item() <= 1e-5
+
+
+def test_fp8_cache_writes_saturate_and_read_back_within_e4m3_precision():
+    from yun.layers import attention
+    from yun.layers.kv_quant import FP8, dequantize_rows
+
+    cache = torch.zeros(2, 2, BS, KVH, D, dtype=FP8)
+    k = torch.randn(3, KVH, D) * 4
+    k[0, 0, 0], k[1, 0, 1] = 1e4, -1e4  # out of e4m3's range: saturate, never NaN
+    v = torch.randn(3, KVH, D)
+    attention.write_kv(cache, k, v, torch.tensor([0, 5, BS + 2]))
+    back = dequantize_rows(cache[0].view(-1, KVH, D)[[0, 5, BS + 2]], torch.float32)
+    assert not back.isnan().any()
+    assert back[0, 0, 0] == 448 and back[1, 0, 1] == -448
+    ok = k.abs() <= 448
+    rel = ((back - k).abs() / k.abs().clamp_min(2 ** -6))[ok]
+    assert rel.max() <= 1 / 16 + 1e-6  # 3 mantissa bits: half a step is 1/16 relative

@@ -22,7 +22,7 @@ from yun.engine.sampler import Sampler, SamplingRow, logprobs_for
 from yun.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 from yun.engine.spec.verify import accepted_prefix, seed_for_position
 from yun.layers.backend import Backend, QuantKernels, use_backend
-from yun.layers.kv_quant import SCALE_BYTES
+from yun.layers.kv_quant import FP8, SCALE_BYTES
 from yun.layers.quant_linear import QuantWeight
 from yun.layers.context import AttentionMetadata, ForwardContext, PrefillSeq, forward_context
 from yun.models.huge_pages import place_in_huge_pages
@@ -184,8 +184,9 @@ class ModelRunner:
                 + -(-batched // bs))
 
     def kv_cache_spec(self, num_blocks: int) -> tuple[tuple[int, ...], torch.dtype]:
-        """One layer's cache shape and dtype: the model's spec, or with an int8 cache
-        (yun/layers/kv_quant.py) its rows widened by their float32 scale."""
+        """One layer's cache shape and dtype: the model's spec, with an fp8 cache that
+        shape in float8 e4m3, with an int8 cache (yun/layers/kv_quant.py) its rows widened
+        by their float32 scale."""
         shape = self.model.kv_cache_shape(num_blocks, self.config.block_size)
         if self.config.kv_cache_dtype == "auto":
             return shape, self.dtype
@@ -193,6 +194,8 @@ class ModelRunner:
             raise ValueError(f"kv_cache_dtype={self.config.kv_cache_dtype!r} is not supported "
                              f"for {self.model_config.architecture} (its cache holds "
                              "compressed latents, not per-head keys and values); use auto")
+        if self.config.kv_cache_dtype == "fp8":
+            return shape, FP8
         if shape[-1] % SCALE_BYTES:
             raise ValueError(f"kv_cache_dtype='int8' needs a head_dim divisible by "
                              f"{SCALE_BYTES}, got {shape[-1]}")
@@ -259,8 +262,9 @@ class ModelRunner:
     def describe_kv_cache(self) -> str:
         """The start-up line on the KV cache: its element type, bytes per token, and how
         many tokens fit."""
-        kind = ("int8 + float32 scale per token and head" if self.config.kv_cache_dtype == "int8"
-                else str(self.dtype).removeprefix("torch."))
+        kind = {"int8": "int8 + float32 scale per token and head",
+                "fp8": "fp8 (float8_e4m3fn, no scale)"}.get(
+                    self.config.kv_cache_dtype, str(self.dtype).removeprefix("torch."))
         per_token = self.kv_bytes_per_token()
         if self.sliding_layers:
             layers = self.model_config.num_layers

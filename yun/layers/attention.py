@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from yun.layers import fused
 from yun.layers.backend import current
 from yun.layers.context import AttentionMetadata, get_forward_context
-from yun.layers.kv_quant import dequantize_rows, is_quantized, quantize_rows
+from yun.layers.kv_quant import dequantize_rows, is_fp8, is_quantized, quantize_rows, to_fp8
 from yun.layers.rotary import apply_rope_
 
 
@@ -37,6 +37,8 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     flat = cache.view(2, nb * bs, kvh, d)
     if is_quantized(cache):
         k, v = quantize_rows(k), quantize_rows(v)
+    elif is_fp8(cache):  # torch copies float8 by index as bytes only
+        flat, k, v = (t.view(torch.uint8) for t in (flat, to_fp8(k), to_fp8(v)))
     elif k.dtype != cache.dtype:
         k, v = k.to(cache.dtype), v.to(cache.dtype)
     flat[0].index_copy_(0, slot_mapping, k)
@@ -45,6 +47,8 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def gather_kv(cache_kv: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     """cache_kv: [NB, BS, KvH, D], block_table: [..., nblk] -> [..., nblk * BS, KvH, D]."""
+    if is_fp8(cache_kv):  # torch gathers float8 as bytes only
+        return gather_kv(cache_kv.view(torch.uint8), block_table).view(cache_kv.dtype)
     g = cache_kv[block_table]  # [..., nblk, BS, KvH, D]
     return g.flatten(-4, -3)
 
@@ -86,7 +90,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     write_kv(cache, k, v, meta.slot_mapping)
     nd = meta.num_decodes
     kernel = current().decode if q.device.type == "cpu" else None  # native decode attention
-    native = kernel is not None
+    native = kernel is not None and (cache.dtype == q.dtype or is_quantized(cache))
     if native and nd == q.shape[0]:  # decodes only (every decode step): no copy into `out`
         return kernel(q, cache[0], cache[1], meta.decode_block_tables,
                       meta.decode_context_lens, scale, window or 0)
