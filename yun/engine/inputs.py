@@ -70,12 +70,23 @@ def _parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
     return call
 
 
+def chat_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    """A tool definition as templates expect it: OpenAI's shape, unset fields left out,
+    and `parameters` always an object schema (some templates read
+    `parameters.properties` unconditionally)."""
+    d = {k: v for k, v in tool.items() if v is not None}
+    fn = {k: v for k, v in (d.get("function") or {}).items() if v is not None}
+    fn["parameters"] = fn.get("parameters") or {"type": "object", "properties": {}}
+    return {"type": "function", **d, "function": fn}
+
+
 def render_chat(tok: PromptTokenizer, messages: Sequence[Mapping[str, Any]],
                 add_generation_prompt: bool = True,
                 template_kwargs: Mapping[str, Any] | None = None,
                 tools: list[dict[str, Any]] | None = None) -> tuple[str, list[int]]:
     """The conversation rendered by the model's chat template (with the tools'
-    definitions when given, as the template lays them out), and its token ids.
+    definitions when given, as the template lays them out), and its token ids: the
+    server's chat endpoints, `LLM.chat` and `yun chat` all render here.
     InvalidParam ("messages" or "chat_template_kwargs") for what cannot be rendered."""
     kwargs = dict(template_kwargs or {})
     reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(kwargs))
@@ -83,7 +94,7 @@ def render_chat(tok: PromptTokenizer, messages: Sequence[Mapping[str, Any]],
         raise InvalidParam("chat_template_kwargs",
                            f"chat_template_kwargs may not set {', '.join(reserved)}")
     if tools:
-        kwargs["tools"] = tools
+        kwargs["tools"] = [chat_tool(t) for t in tools]
     dicts = [chat_message(m) for m in messages]
     try:
         text = tok.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt,
@@ -178,5 +189,5 @@ def check_prompt(ids: list[int], params: SamplingParams, vocab_size: int,
             f"{max_model_len} tokens")
 
 
-__all__ = ["InputProcessor", "InvalidParam", "Prompt", "chat_message", "check_prompt",
-           "encode_prompt", "eos_token_ids", "render_chat"]
+__all__ = ["InputProcessor", "InvalidParam", "Prompt", "chat_message", "chat_tool",
+           "check_prompt", "encode_prompt", "eos_token_ids", "render_chat"]
