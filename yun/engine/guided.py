@@ -122,8 +122,8 @@ class GrammarState:
 
 
 class GuidedDecoder:
-    """Compiles grammar specs for one tokenizer (thread-safe: the server precompiles in a
-    worker thread, the engine loop then finds the grammar cached)."""
+    """Compiles grammar specs for one tokenizer (thread-safe: the server compiles in a
+    worker thread and hands the result to the engine loop with the request)."""
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int]):
         self.hf_tokenizer = hf_tokenizer
