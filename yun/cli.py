@@ -11,10 +11,14 @@ import os
 import sys
 import time
 from dataclasses import fields
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from yun.cli_flags import add_dataclass_flags, engine_config_from
 from yun.config import EngineConfig
+
+if TYPE_CHECKING:
+    from yun.engine.engine import LLMEngine
+    from yun.sampling_params import SamplingParams
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
@@ -40,7 +44,7 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
                    help="Keep generating past the end-of-sequence token.")
 
 
-def sampling_params_from(args: argparse.Namespace, engine):
+def sampling_params_from(args: argparse.Namespace, engine: "LLMEngine") -> "SamplingParams":
     """The flags' SamplingParams, built once by the engine's input processor."""
     return engine.inputs.sampling_params(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
