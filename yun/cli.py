@@ -11,10 +11,14 @@ import os
 import sys
 import time
 from dataclasses import fields
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from yun.cli_flags import add_dataclass_flags, engine_config_from
 from yun.config import EngineConfig
+
+if TYPE_CHECKING:
+    from yun.engine.engine import LLMEngine
+    from yun.sampling_params import SamplingParams
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
@@ -40,15 +44,13 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
                    help="Keep generating past the end-of-sequence token.")
 
 
-def sampling_params_from(args: argparse.Namespace):
-    from yun.sampling_params import SamplingParams
-
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                          repetition_penalty=args.repetition_penalty,
-                          presence_penalty=args.presence_penalty,
-                          frequency_penalty=args.frequency_penalty, seed=args.sampling_seed,
-                          stop=args.stop, ignore_eos=args.ignore_eos)
+def sampling_params_from(args: argparse.Namespace, engine: "LLMEngine") -> "SamplingParams":
+    """The flags' SamplingParams, built once by the engine's input processor."""
+    return engine.inputs.sampling_params(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
 
 
 # ---- generate / chat ------------------------------------------------------------------------
@@ -87,8 +89,8 @@ def _load_engine(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     engine = _load_engine(args)
-    params = sampling_params_from(args)
-    ids = engine.tokenizer.encode(args.prompt)
+    params = sampling_params_from(args, engine)
+    ids = engine.inputs.encode(args.prompt)
     start, count = time.perf_counter(), [0]
     for piece in _stream(engine, ids, params, args.prompt, count):
         sys.stdout.write(piece)
@@ -102,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     engine = _load_engine(args)
-    params = sampling_params_from(args)
+    params = sampling_params_from(args, engine)
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
@@ -122,11 +124,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        prompt = engine.tokenizer.apply_chat_template(history, add_generation_prompt=True)
-        ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
-        sys.stdout.write("assistant> ")
         reply = []
-        try:
+        try:  # the server's template-then-encode path (yun/engine/inputs.py)
+            prompt, ids = engine.inputs.render_chat(history)
+            sys.stdout.write("assistant> ")
             for piece in _stream(engine, ids, params, prompt):
                 reply.append(piece)
                 sys.stdout.write(piece)

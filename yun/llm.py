@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import fields
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
@@ -80,9 +80,9 @@ class LLM:
             for prompt, params in zip(prompts, params_list):
                 text, token_ids = self._tokenize(prompt)
                 rid = self.engine.new_request_id()
-                self.engine.add_request(
-                    rid, token_ids, replace(params, output_kind=RequestOutputKind.FINAL_ONLY),
-                    prompt=text)
+                final = self.engine.inputs.for_engine(params,
+                                                      output_kind=RequestOutputKind.FINAL_ONLY)
+                self.engine.add_request(rid, token_ids, final, prompt=text)
                 ids.append(rid)
             return self._run(ids, use_tqdm if use_tqdm is not None else len(ids) > 8)
         except BaseException:
@@ -92,25 +92,27 @@ class LLM:
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | None = None, add_generation_prompt: bool = True,
-             use_tqdm: bool | None = None, **template_kwargs: Any) -> list[RequestOutput]:
-        """Render the model's own chat template for one conversation (or a list of them)."""
+             use_tqdm: bool | None = None, tools: list[dict[str, Any]] | None = None,
+             **template_kwargs: Any) -> list[RequestOutput]:
+        """Render the model's own chat template for one conversation (or a list of them),
+        with `tools` (OpenAI-shaped definitions) as the template lays them out: the same
+        path as the server's chat endpoints (yun/engine/inputs.py's `render_chat`)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = []
+        prompts: list[PromptType] = []
         for conv in convs:
-            text = self.tokenizer.apply_chat_template(
-                conv, add_generation_prompt=add_generation_prompt, **template_kwargs)
-            prompts.append({"prompt": text,
-                            "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+            text, ids = self.engine.inputs.render_chat(conv, add_generation_prompt,
+                                                       template_kwargs, tools)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.engine.inputs.encode(prompt)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
             if "prompt" in prompt:
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+                return prompt["prompt"], self.engine.inputs.encode(prompt["prompt"])
         raise TypeError("a prompt is a string or a dict with 'prompt' or 'prompt_token_ids'")
 
     def _run(self, ids: list[str], show: bool) -> list[RequestOutput]:

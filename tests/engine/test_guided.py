@@ -57,6 +57,12 @@ def eos(llm) -> tuple[int, ...]:
     return llm.engine.eos_token_ids
 
 
+def new_state(llm, spec: GuidedDecoding):
+    """A matcher for `spec` as the engine makes one: compiled once, then a state over it."""
+    g = llm.engine.guided
+    return g.new_state(g.compile(spec), spec.start_after, eos(llm))
+
+
 def check_stops_at_the_end(llm, c) -> None:
     """Finished by the grammar: its last token is EOS and the text is the whole value."""
     assert c.finish_reason == "stop", c
@@ -122,7 +128,7 @@ def test_grammar_admitting_every_pick_gives_the_unconstrained_tokens(llm, settin
     compared = 0
     for f, g in zip(free, guided):
         ids = f.outputs[0].token_ids
-        state = llm.engine.guided.new_state(GuidedDecoding(regex=r"[\s\S]*"), eos(llm))
+        state = new_state(llm, GuidedDecoding(regex=r"[\s\S]*"))
         for t in ids:
             state.accept(t)
         if state.broken:
@@ -198,8 +204,7 @@ def test_compiled_grammars_are_cached_by_spec(llm):
 
 
 def test_start_after_defers_the_constraint(llm):
-    state = llm.engine.guided.new_state(GuidedDecoding(choice=["ok"], start_after=(7, 8)),
-                                        eos(llm))
+    state = new_state(llm, GuidedDecoding(choice=["ok"], start_after=(7, 8)))
     assert not state.active
     for t in (1, 7, 9, 7):  # anything goes until 7, 8 has been generated
         state.accept(t)

@@ -94,8 +94,8 @@ class FakeClient:
         self.is_alive = False
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None, prompt: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, prompt: str | None = None,
+                       grammar: Any = None) -> AsyncIterator[RequestOutput]:
         self.seen.append(params)
         rid = request_id or "fake"
         tokens = self.script[:params.max_tokens or len(self.script)]
@@ -126,8 +126,8 @@ class FakeClient:
     async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
         raise ValueError("this model serves text generation")
 
-    def compile_grammar(self, spec: GuidedDecoding) -> None:
-        pass
+    def compile_grammar(self, spec: GuidedDecoding) -> Any:
+        return None
 
 
 @pytest.fixture(scope="module")

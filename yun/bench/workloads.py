@@ -21,6 +21,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from yun.engine.inputs import render_chat
+
 WORKLOADS = ("single", "mixed", "shared-prefix", "sweep", "edit")
 ORDINARY_VOCAB = 151643  # Qwen2: ids below this are ordinary tokens, above are special
 DEFAULT_SWEEP = (1, 2, 4, 8, 16, 32, 64)
@@ -215,8 +217,8 @@ def _edit(o: WorkloadOptions, d: _Draw, tokenizer: Any) -> Workload:
         old, new = _EDIT_SWAPS[d.rng.randrange(len(_EDIT_SWAPS))]
         ask = (f"Rewrite the following text, word for word, but replace the word '{old}' "
                f"with '{new}' everywhere. Output only the rewritten text.\n\n{doc}")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": ask}])
-        reqs.append(BenchRequest(tokenizer.encode(text, add_special_tokens=False), out))
+        _, ids = render_chat(tokenizer, [{"role": "user", "content": ask}])  # as served
+        reqs.append(BenchRequest(ids, out))
     p = sum(r.num_prompt_tokens for r in reqs) // n
     return Workload("edit", f"{n} request(s): rewrite a document with one word replaced "
                     f"(chat prompt of ~{p} tokens), {out} new tokens", reqs)

@@ -354,11 +354,12 @@ class RayReplicas:
 
     # ---- requests ------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None, prompt: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, prompt: str | None = None,
+                       grammar: Any = None) -> AsyncIterator[RequestOutput]:
         """As AsyncEngine.generate, on the replica the router picks. Raises ValueError for
         input the model cannot take, EngineDeadError if no replica runs or the replica
-        running the request died."""
+        running the request died. `grammar` stays here (compile_grammar returns None):
+        the replica finds `params.guided` in its own cache, compiled by compile_grammar."""
         rid = request_id or f"req-{next(self._ids)}"
         if any(rid in r.requests for r in self._replicas):
             raise ValueError(f"request id {rid!r} is already in use")
@@ -412,8 +413,9 @@ class RayReplicas:
         except Exception:  # noqa: BLE001
             pass
 
-    def compile_grammar(self, spec: Any) -> None:
-        """Check and compile a guided-decoding spec on every healthy replica (blocking)."""
+    def compile_grammar(self, spec: Any) -> Any:
+        """Check and compile a guided-decoding spec on every healthy replica (blocking).
+        Returns None: a compiled grammar does not travel to a replica."""
         refs = [r.actor.compile_grammar.remote(spec) for r in self._replicas if r.healthy]
         try:
             self.ray.get(refs)

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from yun.config import EngineConfig
 from yun.engine.client import EngineStats, ReplicaState
@@ -33,6 +33,7 @@ class _Add:
     params: SamplingParams
     prompt: str | None
     sink: "_Sink"
+    grammar: Any = None  # params.guided compiled (compile_grammar), or None
 
 
 @dataclass
@@ -155,8 +156,8 @@ class AsyncEngine:
 
     # ---- the public async API ------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None, prompt: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, prompt: str | None = None,
+                       grammar: Any = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's output each time it changes, in `params.output_kind`
         (cumulative, delta or final only); the last is finished.
 
@@ -169,7 +170,7 @@ class AsyncEngine:
         if rid in self._sinks:
             raise ValueError(f"request id {rid!r} is already in use")
         self._sinks[rid] = sink
-        self._commands.put(_Add(rid, list(prompt_token_ids), params, prompt, sink))
+        self._commands.put(_Add(rid, list(prompt_token_ids), params, prompt, sink, grammar))
         finished = False
         try:
             while True:
@@ -197,13 +198,14 @@ class AsyncEngine:
         self._commands.put(_Embed([list(p) for p in prompts], future, loop))
         return await future
 
-    def compile_grammar(self, spec: GuidedDecoding) -> None:
+    def compile_grammar(self, spec: GuidedDecoding) -> Any:
         """Check and compile a guided-decoding spec now (ValueError naming the problem).
 
         Thread-safe and blocking (tens of ms for a JSON schema): call it from a worker
-        thread before `generate`, so the engine loop finds the grammar cached.
+        thread before `generate`, and pass what it returns to `generate` as `grammar`,
+        so the engine loop neither compiles nor looks it up again.
         """
-        self.engine.guided.compile(spec)
+        return self.engine.compile_grammar(spec)
 
     # ---- the engine thread -----------------------------------------------------------------
     def _loop(self) -> None:
@@ -282,7 +284,7 @@ class AsyncEngine:
                 continue
             try:
                 self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params,
-                                        cmd.prompt)
+                                        cmd.prompt, cmd.grammar)
             except ValueError as e:
                 cmd.sink.put(e)
 

@@ -82,11 +82,12 @@ class EngineClient(Protocol):
 
     # Requests.
     def generate(self, prompt_token_ids: list[int], params: "SamplingParams",
-                 request_id: str | None = None, prompt: str | None = None
-                 ) -> AsyncIterator["RequestOutput"]:
+                 request_id: str | None = None, prompt: str | None = None,
+                 grammar: Any = None) -> AsyncIterator["RequestOutput"]:
         """The request's outputs as they change, shaped by `params.output_kind`
         (cumulative, deltas, or the final one only); the last one is finished. Closing
-        the iterator early aborts the request."""
+        the iterator early aborts the request. `grammar`: what `compile_grammar` returned
+        for `params.guided`, so the engine does not look it up again."""
         ...
 
     def abort(self, request_id: str) -> None:
@@ -96,9 +97,11 @@ class EngineClient(Protocol):
         """One pooled vector per prompt (ValueError when the model serves generation)."""
         ...
 
-    def compile_grammar(self, spec: "GuidedDecoding") -> None:
+    def compile_grammar(self, spec: "GuidedDecoding") -> Any:
         """Check and compile a guided-decoding spec now (blocking: call it from a worker
-        thread); ValueError naming the problem."""
+        thread); ValueError naming the problem. Returns the compiled grammar, an opaque
+        handle for `generate` (None where it cannot travel: each Ray replica keeps its
+        own, compiled here and found in its cache at `generate`)."""
         ...
 
 

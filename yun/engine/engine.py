@@ -10,13 +10,14 @@ import itertools
 import random
 import time
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import Any
 
 from yun.config import EngineConfig, ModelConfig
 from yun.engine.detokenize import IncrementalDetokenizer
 from yun.engine.executor import Runner
 from yun.engine.guided import GuidedDecoder
-from yun.engine.inputs import check_prompt
+from yun.engine.inputs import InputProcessor, check_prompt, eos_token_ids
 from yun.engine.kv_cache import KVCacheManager
 from yun.engine.kv_groups import HybridKVCacheManager
 from yun.engine.request import Request, RequestStatus
@@ -27,7 +28,7 @@ from yun.engine.spec.ngram import NgramProposer
 from yun.engine.spec.speculator import Speculator
 from yun.model_source import resolve_model
 from yun.outputs import CompletionOutput, PositionLogprobs, RequestOutput, RequestOutputKind
-from yun.sampling_params import SamplingParams
+from yun.sampling_params import GuidedDecoding, SamplingParams
 from yun.tokenizer import Tokenizer
 
 
@@ -95,7 +96,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, batched, self.max_model_len,
                             config.enable_chunked_prefill), self.kv)
-        self.eos_token_ids = self._eos_ids()
+        self.eos_token_ids = eos_token_ids(self.model_config.eos_token_ids,
+                                           self.tokenizer.eos_token_id)
         self._parents: dict[str, _Parent] = {}
         self._child_to_parent: dict[str, str] = {}
         self.guided = GuidedDecoder(self.tokenizer.hf, self.model_config.vocab_size,
@@ -107,6 +109,7 @@ class LLMEngine:
         if self.pooling is not None and self.pooling.max_seq_length:  # as sentence-transformers
             self.max_model_len = min(self.max_model_len, self.pooling.max_seq_length)
         self.speculator = self._make_speculator(config)
+        self.inputs = InputProcessor(self.tokenizer, self.eos_token_ids)
 
     def _resolve_task(self, task: str, path: str) -> str:
         task = self._detect_task(task, path)
@@ -181,28 +184,26 @@ class LLMEngine:
                              f"({capacity} tokens); raise kv_cache_memory")
         return wanted
 
-    def _eos_ids(self) -> tuple[int, ...]:
-        ids = list(self.model_config.eos_token_ids)
-        tok_eos = self.tokenizer.eos_token_id
-        if tok_eos is not None and tok_eos not in ids:
-            ids.append(tok_eos)
-        return tuple(ids)
-
     # ---- requests ----------------------------------------------------------------------
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams, prompt: str | None = None) -> None:
+                    params: SamplingParams, prompt: str | None = None,
+                    grammar: Any = None) -> None:
         """Queue a request. Raises ValueError for input the model cannot take
-        (InvalidParam, naming the field, for the prompt and its params)."""
+        (InvalidParam, naming the field, for the prompt and its params). `params` built by
+        `self.inputs` (or with its EOS ids) are used as they are, else copied once with
+        them; `grammar`: `params.guided` already compiled (`compile_grammar`), else it is
+        compiled (or found cached) here, once for all `n` completions."""
         if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         check_prompt(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len)
         room = self.max_model_len - len(prompt_token_ids)
-        params = replace(params, _eos_token_ids=self.eos_token_ids)
-        if params.guided is not None:  # ValueError for a bad grammar, before any state
-            self.guided.compile(params.guided)
+        if params._eos_token_ids != self.eos_token_ids:
+            params = self.inputs.for_engine(params)
+        if params.guided is not None and grammar is None:  # a bad grammar: before any state
+            grammar = self.compile_grammar(params.guided)
         parent = _Parent(request_id, prompt, list(prompt_token_ids), params)
         for i in range(params.n):
             seed = ((params.seed + i) % 2**63 if params.seed is not None
@@ -212,13 +213,20 @@ class LLMEngine:
                           max_tokens=min(params.max_tokens or room, room), seed=seed)
             if params.guided is not None:  # one grammar matcher per completion
                 req.grammar = self.guided.new_state(
-                    params.guided, [*params._eos_token_ids, *params.stop_token_ids])
+                    grammar, params.guided.start_after,
+                    [*params._eos_token_ids, *params.stop_token_ids])
             parent.children.append(_Child(req, IncrementalDetokenizer(
                 self.tokenizer, parent.prompt_token_ids, params)))
             self._child_to_parent[child_id] = request_id
         self._parents[request_id] = parent
         for child in parent.children:
             self.scheduler.add_request(child.request)
+
+    def compile_grammar(self, spec: GuidedDecoding) -> Any:
+        """The compiled grammar for `spec` (cached by spec; ValueError naming the
+        problem). Thread-safe: the server compiles in a worker thread and hands the result
+        to `add_request`."""
+        return self.guided.compile(spec)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its KV blocks. Returns whether it was known."""

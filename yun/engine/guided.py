@@ -122,8 +122,8 @@ class GrammarState:
 
 
 class GuidedDecoder:
-    """Compiles grammar specs for one tokenizer (thread-safe: the server precompiles in a
-    worker thread, the engine loop then finds the grammar cached)."""
+    """Compiles grammar specs for one tokenizer (thread-safe: the server compiles in a
+    worker thread and hands the result to the engine loop with the request)."""
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int]):
         self.hf_tokenizer = hf_tokenizer
@@ -183,13 +183,15 @@ class GuidedDecoder:
                     "choice": "choice", "grammar": "grammar"}[kind]
             raise ValueError(f"invalid {what}: {_clean(str(e))}") from None
 
-    def new_state(self, spec: GuidedDecoding, stop_token_ids: Sequence[int]) -> GrammarState:
-        """A fresh matcher for one request; the grammar ends with one of `stop_token_ids`."""
+    def new_state(self, compiled: Any, start_after: tuple[int, ...],
+                  stop_token_ids: Sequence[int]) -> GrammarState:
+        """A fresh matcher for one request over a grammar from `compile` (no second
+        lookup); the grammar ends with one of `stop_token_ids`."""
         import xgrammar as xgr
 
         stops = sorted({t for t in stop_token_ids if 0 <= t < self.vocab_size})
-        matcher = xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=stops or None)
-        return GrammarState(matcher, spec.start_after)
+        matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=stops or None)
+        return GrammarState(matcher, start_after)
 
 
 @functools.lru_cache(maxsize=1)

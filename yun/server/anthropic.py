@@ -296,7 +296,8 @@ class AnthropicMessages:
         chat = to_chat_request(req, self.pipeline.thinks)
         prep = await self.pipeline.prepare(chat, new_id("msg", "_"),
                                            {"stop": "stop_sequences",
-                                            "response_format": "output_config.format"})
+                                            "response_format": "output_config.format"},
+                                           self.serving.priority(raw))
         stops = list(req.stop_sequences or [])
         slot = await self.serving.admit(raw, [prep.job], prep.job.request_id)
         if req.stream:

@@ -41,7 +41,8 @@ class ChatCompletions:
 
     async def __call__(self, req: ChatCompletionRequest, raw: Request) -> Response:
         arrival = time.perf_counter()
-        prep = await self.pipeline.prepare(req, new_id("chatcmpl"))
+        prep = await self.pipeline.prepare(req, new_id("chatcmpl"),
+                                          priority=self.serving.priority(raw))
         job, plan, new_parser = prep.job, prep.plan, prep.new_parser
         slot = await self.serving.admit(raw, [job], job.request_id)
         if req.stream:

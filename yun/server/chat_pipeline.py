@@ -1,7 +1,8 @@
 """The chat path every conversational endpoint shares: a `ChatCompletionRequest` in, a
 prepared generation out (prompt rendered by the model's chat template with its tools,
-sampling params checked, output constraint compiled) plus one `MessageParser` per
-choice (reasoning split, then tool calls).
+SamplingParams built once by the input processor, output constraint compiled once and
+handed to the engine) plus one `MessageParser` per choice (reasoning split, then tool
+calls).
 
 `/v1/chat/completions` (chat.py), `/v1/messages` (anthropic.py) and `/v1/responses`
 (responses.py) translate their own request into a `ChatCompletionRequest`, run it here,
@@ -15,12 +16,12 @@ from typing import Any, Callable
 
 from starlette.concurrency import run_in_threadpool
 
-from yun.outputs import CompletionOutput, RequestOutput
-from yun.sampling_params import SamplingParams
+from yun.outputs import CompletionOutput, RequestOutput, RequestOutputKind
+from yun.sampling_params import GuidedDecoding
 from yun.server.errors import APIError, bad_request
 from yun.server.parsing import MessageParser
 from yun.server.prompts import Prompt, check_history, render_chat
-from yun.server.protocol import ChatCompletionRequest, Usage, chat_sampling_params
+from yun.server.protocol import ChatCompletionRequest, Usage, chat_sampling_fields
 from yun.server.reasoning import ThinkParser, resolve_reasoning_parser
 from yun.server.serving import Job, OpenAIServing, usage
 from yun.server.structured import ToolPlan, guided_from_fields, plan_tools
@@ -73,12 +74,13 @@ class ChatPipeline:
                                        kwargs, plan.tools)
 
     async def prepare(self, req: ChatCompletionRequest, request_id: str,
-                      names: dict[str, str] | None = None) -> PreparedChat:
+                      names: dict[str, str] | None = None, priority: int = 0) -> PreparedChat:
         """Everything that can fail with a 400, done before the response starts. `names`
         renames chat fields in errors to the front end's own (max_tokens ->
-        max_output_tokens)."""
+        max_output_tokens); `priority`: the request's scheduling class
+        (`OpenAIServing.priority`)."""
         try:
-            return await self._prepare(req, request_id)
+            return await self._prepare(req, request_id, priority)
         except APIError as e:
             if names and e.param:
                 head = e.param.split(".")[0].split("[")[0]
@@ -90,7 +92,11 @@ class ChatPipeline:
                     e.param = new
             raise
 
-    async def _prepare(self, req: ChatCompletionRequest, request_id: str) -> PreparedChat:
+    async def _prepare(self, req: ChatCompletionRequest, request_id: str,
+                       priority: int) -> PreparedChat:
+        """The input processor's steps, each once: the constraint, the server's bounds,
+        the prompt (template, tools, encode), SamplingParams (built and validated once),
+        the prompt checks, the grammar (compiled once, handed to the engine)."""
         s = self.serving
         s.check_model(req.model, task="generate")
         plan = plan_tools(req)
@@ -98,22 +104,32 @@ class ChatPipeline:
             raise bad_request("this model's chat template writes tool calls in no format yun "
                               "knows: start the server with --tool-call-parser, or send "
                               "tool_choice \"required\" or a named function", "tools")
+        guided, guided_param = self._constraint(req, plan)
+        fields = chat_sampling_fields(req)  # the server's own bounds, before rendering
+        text, ids = await self.render(req, plan)
+        guided = self._after_reasoning(guided, text)
+        more: dict[str, Any] = {"guided": guided, "priority": priority,
+                                "output_kind": RequestOutputKind.DELTA}
+        if self._keeps_special(req, plan):
+            more["skip_special_tokens"] = False
+        params = fields.build(s.inputs, **more)
+        s.check_prompt(ids, params, "messages")
+        grammar = None if guided is None else await s.check_guided(guided, guided_param)
+        job = Job(ids, text, params, request_id, grammar=grammar)
+        return PreparedChat(req, job, plan, lambda: self._parser(req, plan, text))
+
+    @staticmethod
+    def _constraint(req: ChatCompletionRequest, plan: ToolPlan
+                    ) -> tuple[GuidedDecoding | None, str | None]:
+        """The output constraint (response_format / guided_* or the tool choice's) and the
+        field it came from."""
         guided, guided_param = guided_from_fields(req)
         if plan.guided is not None:
             if guided is not None:
                 raise bad_request(f"tool_choice {plan.mode!r} already constrains the output; "
                                   f"it cannot be combined with {guided_param}", guided_param)
             guided, guided_param = plan.guided, "tools"
-        params = chat_sampling_params(req, guided)
-        if self._keeps_special(req, plan):
-            params = replace(params, skip_special_tokens=False)
-        text, ids = await self.render(req, plan)
-        s.check_prompt(ids, params, "messages")
-        params = self._after_reasoning(params, text)
-        if params.guided is not None:
-            await s.check_guided(params.guided, guided_param)
-        job = Job(ids, text, params, request_id)
-        return PreparedChat(req, job, plan, lambda: self._parser(req, plan, text))
+        return guided, guided_param
 
     # ---- parsing -------------------------------------------------------------------------
     def _special(self, parser: Any) -> bool:
@@ -131,13 +147,14 @@ class ChatPipeline:
     def _starts_inside(self, prompt: str | None) -> bool:
         return self.reasoning_parser is not None and ThinkParser.starts_inside(prompt)
 
-    def _after_reasoning(self, params: SamplingParams, prompt: str | None) -> SamplingParams:
+    def _after_reasoning(self, guided: GuidedDecoding | None,
+                         prompt: str | None) -> GuidedDecoding | None:
         """A thinking model whose prompt opened its reasoning: the constraint starts after
         the model closes it."""
-        if params.guided is None or not self._starts_inside(prompt):
-            return params
+        if guided is None or not self._starts_inside(prompt):
+            return guided
         end = tuple(self.tokenizer.encode(ThinkParser.end_tag, add_special_tokens=False))
-        return replace(params, guided=replace(params.guided, start_after=end))
+        return replace(guided, start_after=end)
 
     def _parser(self, req: ChatCompletionRequest, plan: ToolPlan,
                 prompt: str | None) -> MessageParser:

@@ -17,12 +17,12 @@ from fastapi import Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from yun.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from yun.outputs import CompletionOutput, PositionLogprobs, RequestOutput, RequestOutputKind
 from yun.server.errors import APIError
 from yun.server.logprobs import completion_logprobs
 from yun.server.prompts import completion_prompts
 from yun.server.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, Usage,
-                                 completion_sampling_params)
+                                 completion_sampling_fields)
 from yun.server.serving import ChoiceState, Job, OpenAIServing, Slot, usage
 from yun.server.structured import guided_from_fields
 from yun.server.streams import SSE_DONE, SSEResponse, sse
@@ -53,15 +53,16 @@ class Completions:
         s = self.serving
         s.check_model(req.model, task="generate")
         guided, guided_param = guided_from_fields(req)
-        params = completion_sampling_params(req, guided)
+        params = completion_sampling_fields(req).build(
+            s.inputs, guided=guided, priority=s.priority(raw),
+            output_kind=RequestOutputKind.DELTA)  # built once, shared by the prompts' jobs
         prompts = await run_in_threadpool(completion_prompts, self.tokenizer, req)
         for _, ids in prompts:
             s.check_prompt(ids, params, "prompt")
-        if guided is not None:
-            await s.check_guided(guided, guided_param)
+        grammar = None if guided is None else await s.check_guided(guided, guided_param)
         rid = f"cmpl-{uuid.uuid4().hex}"
         jobs = [Job(ids, text, params, rid if len(prompts) == 1 else f"{rid}-{i}",
-                    bills_output=not _prompt_only(req))
+                    grammar=grammar, bills_output=not _prompt_only(req))
                 for i, (text, ids) in enumerate(prompts)]
         slot = await s.admit(raw, jobs, rid)
         if req.stream:

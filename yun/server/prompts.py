@@ -1,57 +1,18 @@
 """Requests -> prompt token ids: the model's own chat template, or the completions prompt
-forms. Plain functions over the tokenizer; the server runs them in a worker thread."""
+forms. Plain functions over the tokenizer; the server runs them in a worker thread. Rendering
+and encoding are the engine's (yun/engine/inputs.py): `LLM` and the CLI share them."""
 
 from __future__ import annotations
 
-import json
-from typing import Any, Protocol
+from typing import Any
 
+from yun.engine import inputs
+from yun.engine.inputs import Prompt, PromptTokenizer, encode_prompt
+from yun.sampling_params import InvalidParam
 from yun.server.errors import bad_request
 from yun.server.protocol import ChatMessage, CompletionRequest
 
-# chat_template_kwargs keys that would change what apply_chat_template returns.
-_RESERVED_TEMPLATE_KWARGS = frozenset({
-    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
-    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
-    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
-
-Prompt = tuple[str | None, list[int]]  # (text if known, token ids)
-
-
-class PromptTokenizer(Protocol):
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
-
-    def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True, **kwargs: Any) -> str: ...
-
-
-def message_dict(m: ChatMessage) -> dict[str, Any]:
-    """A message as chat templates expect it: content a string, tool arguments a dict."""
-    content = m.content
-    if isinstance(content, list):
-        content = "\n".join(p.text or "" for p in content)
-    d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                         "content": content or ""}
-    if m.tool_calls and not content:  # as OpenAI sends it (see render_chat)
-        d["content"] = None
-    if m.name:
-        d["name"] = m.name
-    if m.tool_call_id:
-        d["tool_call_id"] = m.tool_call_id
-    if m.tool_calls:
-        d["tool_calls"] = [_parsed_arguments(call) for call in m.tool_calls]
-    return d
-
-
-def _parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI sends tool-call arguments as JSON text; templates (e.g. Qwen's) want a dict."""
-    fn = call.get("function")
-    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-        try:
-            return {**call, "function": {**fn, "arguments": json.loads(fn["arguments"])}}
-        except ValueError:
-            pass
-    return call
+__all__ = ["Prompt", "PromptTokenizer", "check_history", "completion_prompts", "render_chat"]
 
 
 def _check_call(call: dict[str, Any], where: str) -> str | None:
@@ -102,33 +63,13 @@ def render_chat(tok: PromptTokenizer, messages: list[ChatMessage],
                 template_kwargs: dict[str, Any] | None = None,
                 tools: list[dict[str, Any]] | None = None) -> Prompt:
     """The conversation rendered by the model's chat template (with the tools' definitions
-    when given, as the template lays them out), and its token ids."""
-    kwargs = dict(template_kwargs or {})
-    reserved = sorted(_RESERVED_TEMPLATE_KWARGS & set(kwargs))
-    if reserved:
-        raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}",
-                          "chat_template_kwargs")
-    if tools:
-        kwargs["tools"] = tools
-    dicts = [message_dict(m) for m in messages]
+    when given) and its token ids: the engine's own path (`yun/engine/inputs.py`, which
+    `LLM.chat` and `yun chat` use too), its errors as 400s naming the field."""
     try:
-        text = tok.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt,
-                                       **kwargs)
-    except Exception as e:  # template errors are about the input (roles, content)
-        if not any(d["content"] is None for d in dicts):
-            raise bad_request(f"cannot render the chat template: {e}", "messages") from e
-        # A tool-calling turn's null content reaches the template as a missing key, which
-        # some templates handle and others (string operations on it) do not: try "".
-        for d in dicts:
-            d["content"] = d["content"] or ""
-        try:
-            text = tok.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt,
-                                           **kwargs)
-        except Exception as e2:
-            raise bad_request(f"cannot render the chat template: {e2}", "messages") from e2
-    if not isinstance(text, str):
-        raise bad_request("the chat template did not render to text", "messages")
-    return text, tok.encode(text, add_special_tokens=False)
+        return inputs.render_chat(tok, [m.model_dump() for m in messages],
+                                  add_generation_prompt, template_kwargs, tools)
+    except InvalidParam as e:
+        raise bad_request(str(e), e.param) from e
 
 
 def completion_prompts(tok: PromptTokenizer, req: CompletionRequest) -> list[Prompt]:
@@ -143,5 +84,5 @@ def completion_prompts(tok: PromptTokenizer, req: CompletionRequest) -> list[Pro
     if not items:
         raise bad_request("prompt must not be empty", "prompt")
     add_special = req.add_special_tokens is not False
-    return [(item, tok.encode(item, add_special_tokens=add_special)) if isinstance(item, str)
+    return [(item, encode_prompt(tok, item, add_special)) if isinstance(item, str)
             else (None, list(item)) for item in items]

@@ -1,8 +1,8 @@
-"""The OpenAI API's shapes as pydantic models, and request -> SamplingParams.
+"""The OpenAI API's shapes as pydantic models, and request -> SamplingParams fields.
 
 Requests accept unknown fields (clients send many: `store`, `metadata`, ...) and ignore
-them; known fields are type-checked here and value-checked
-by `SamplingParams`, whose ValueError becomes a 400 naming the field.
+them; known fields are type-checked here and value-checked by `SamplingParams` when the
+input processor builds it (once), whose InvalidParam becomes a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_serializer)
 
-from yun.sampling_params import GuidedDecoding, InvalidParam, SamplingParams
+from yun.engine.inputs import InputProcessor
+from yun.sampling_params import InvalidParam, SamplingParams
 from yun.server.errors import APIError, bad_request
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -320,47 +321,61 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
                           f"in [-100, 100], got keys {sorted(bias)[:3]}", "logit_bias") from None
 
 
-def to_sampling_params(req: SamplingFields, *, max_tokens: int | None,
-                       max_tokens_param: str = "max_tokens", logprobs: int | None = None,
-                       prompt_logprobs: int | None = None,
-                       logprobs_param: str = "logprobs",
-                       guided: GuidedDecoding | None = None) -> SamplingParams:
-    """The engine's SamplingParams for this request; APIError(400) naming the bad field."""
+class ParamFields:
+    """A request's SamplingParams fields, read and bounded by the server but not yet
+    built: the input processor builds them once, with what the endpoint adds (tools,
+    reasoning, output kind, priority). `names`: engine field -> the API's name for it, in
+    errors (max_tokens -> max_completion_tokens)."""
+
+    def __init__(self, fields: dict[str, Any], names: dict[str, str]):
+        self.fields = fields
+        self.names = names
+
+    def build(self, inputs: InputProcessor, **more: Any) -> SamplingParams:
+        """The SamplingParams, validated once; APIError(400) naming the bad field."""
+        try:
+            return inputs.sampling_params(**{**self.fields, **more})
+        except InvalidParam as e:  # "<field> must ..., got ...": in the API's field names
+            field, message = e.param, str(e)
+            param = self.names.get(field, field)
+            if message.startswith(field):
+                message = param + message[len(field):]
+            raise APIError(400, message, param=param) from e
+
+
+def sampling_fields(req: SamplingFields, *, max_tokens: int | None,
+                    max_tokens_param: str = "max_tokens", logprobs: int | None = None,
+                    prompt_logprobs: int | None = None,
+                    logprobs_param: str = "logprobs") -> ParamFields:
+    """The engine's SamplingParams fields for this request (APIError(400) for what the
+    server bounds); SamplingParams checks the values when they are built."""
     temperature = _server_limits(req, logprobs, logprobs_param)
-    try:
-        return SamplingParams(
-            n=_first(req.n, default=1),
-            max_tokens=max_tokens,
-            min_tokens=_first(req.min_tokens, default=0),
-            temperature=temperature,
-            top_p=_first(req.top_p, default=1.0),
-            top_k=_first(req.top_k, default=0),
-            min_p=_first(req.min_p, default=0.0),
-            repetition_penalty=_first(req.repetition_penalty, default=1.0),
-            presence_penalty=_first(req.presence_penalty, default=0.0),
-            frequency_penalty=_first(req.frequency_penalty, default=0.0),
-            seed=req.seed,
-            stop=req.stop,
-            stop_token_ids=req.stop_token_ids,
-            ignore_eos=bool(req.ignore_eos),
-            include_stop_str_in_output=bool(req.include_stop_str_in_output),
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-            skip_special_tokens=_first(req.skip_special_tokens, default=True),
-            guided=guided,
-            logit_bias=_logit_bias(req.logit_bias),
-        )
-    except InvalidParam as e:  # "<field> must ..., got ...": in the API's field names
-        field, message = e.param, str(e)
-        param = {"max_tokens": max_tokens_param, "logprobs": logprobs_param,
-                 "prompt_logprobs": logprobs_param}.get(field, field)
-        if message.startswith(field):
-            message = param + message[len(field):]
-        raise APIError(400, message, param=param) from e
+    fields = dict(
+        n=_first(req.n, default=1),
+        max_tokens=max_tokens,
+        min_tokens=_first(req.min_tokens, default=0),
+        temperature=temperature,
+        top_p=_first(req.top_p, default=1.0),
+        top_k=_first(req.top_k, default=0),
+        min_p=_first(req.min_p, default=0.0),
+        repetition_penalty=_first(req.repetition_penalty, default=1.0),
+        presence_penalty=_first(req.presence_penalty, default=0.0),
+        frequency_penalty=_first(req.frequency_penalty, default=0.0),
+        seed=req.seed,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
+        ignore_eos=bool(req.ignore_eos),
+        include_stop_str_in_output=bool(req.include_stop_str_in_output),
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=_first(req.skip_special_tokens, default=True),
+        logit_bias=_logit_bias(req.logit_bias),
+    )
+    return ParamFields(fields, {"max_tokens": max_tokens_param, "logprobs": logprobs_param,
+                                "prompt_logprobs": logprobs_param})
 
 
-def chat_sampling_params(req: ChatCompletionRequest,
-                         guided: GuidedDecoding | None = None) -> SamplingParams:
+def chat_sampling_fields(req: ChatCompletionRequest) -> ParamFields:
     if req.max_completion_tokens is not None:
         max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
     else:
@@ -370,12 +385,11 @@ def chat_sampling_params(req: ChatCompletionRequest,
         logprobs = _first(req.top_logprobs, default=0)
     elif req.top_logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-    return to_sampling_params(req, max_tokens=max_tokens, max_tokens_param=param,
-                              logprobs=logprobs, logprobs_param="top_logprobs", guided=guided)
+    return sampling_fields(req, max_tokens=max_tokens, max_tokens_param=param,
+                           logprobs=logprobs, logprobs_param="top_logprobs")
 
 
-def completion_sampling_params(req: CompletionRequest,
-                               guided: GuidedDecoding | None = None) -> SamplingParams:
+def completion_sampling_fields(req: CompletionRequest) -> ParamFields:
     """`echo` with `logprobs` also scores the prompt; `max_tokens: 0` with `echo` only does
     that (the engine generates one token that the response leaves out)."""
     max_tokens = _first(req.max_tokens, default=16)
@@ -386,5 +400,5 @@ def completion_sampling_params(req: CompletionRequest,
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix")
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-    return to_sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs,
-                              prompt_logprobs=prompt_logprobs, guided=guided)
+    return sampling_fields(req, max_tokens=max_tokens, logprobs=req.logprobs,
+                           prompt_logprobs=prompt_logprobs)

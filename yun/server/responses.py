@@ -320,7 +320,7 @@ class Responses:
             history = self.store.get(req.previous_response_id, "previous_response_id")[1]
         chat = to_chat_request(req, history, self.pipeline.thinks)
         rid = new_id("resp", "_")
-        prep = await self.pipeline.prepare(chat, rid, CHAT_NAMES)
+        prep = await self.pipeline.prepare(chat, rid, CHAT_NAMES, self.serving.priority(raw))
         conversation = history + input_messages(req.input)
         slot = await self.serving.admit(raw, [prep.job], prep.job.request_id)
         if req.stream:

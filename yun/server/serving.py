@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable
 
 from fastapi import Request
@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from yun.engine.errors import EngineDeadError
+from yun.engine.inputs import InputProcessor, check_prompt, eos_token_ids
 from yun.outputs import RequestOutput, RequestOutputKind, accumulate
-from yun.engine.inputs import check_prompt
 from yun.sampling_params import GuidedDecoding, InvalidParam, SamplingParams
 from yun.server.errors import APIError, bad_request
 from yun.server.metrics import ServerMetrics
@@ -40,8 +40,9 @@ class Job:
 
     prompt_ids: list[int]
     prompt_text: str | None
-    params: SamplingParams
+    params: SamplingParams  # built once by the input processor (output kind DELTA)
     request_id: str
+    grammar: Any = None  # params.guided as the engine compiled it (check_guided)
     bills_output: bool = True  # False when the output is not returned (echo, max_tokens 0)
     meter: "UsageMeter | None" = None  # the tenant's usage record (set by admit)
     total: RequestOutput | None = None  # the outputs so far, added up (set by generate)
@@ -99,6 +100,10 @@ class OpenAIServing:
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
         self.vocab_size = engine.model_config.vocab_size
+        # The input processor the engine would use: same tokenizer, same EOS ids, so the
+        # params built here go to the engine as they are.
+        self.inputs = InputProcessor(self.tokenizer, eos_token_ids(
+            engine.model_config.eos_token_ids, self.tokenizer.eos_token_id))
         self.in_flight = 0  # prompts admitted and not finished
         self.draining = False  # set when the server shuts down
         self.tenants: "TenantGate | None" = None  # multi-tenant mode (yun/server/tenancy.py)
@@ -116,14 +121,22 @@ class OpenAIServing:
                     else "text generation; start it with --task embed for embeddings")
             raise bad_request(f"this model serves {what}", "model")
 
+    def priority(self, raw: Request) -> int:
+        """The scheduling priority of this request's jobs: its tenant's class (0 without
+        tenants). Read before the params are built, so they are built once."""
+        if self.tenants is None:
+            return 0
+        from yun.server.tenancy import principal_of
+
+        return principal_of(raw).priority
+
     async def admit(self, raw: Request, jobs: list[Job], request_id: str) -> Slot:
         """Take a slot per job (429 when the queue is full); with tenants, also admit the
-        request against its tenant's limits (401 / 403 / 429), open its usage record and
-        give its jobs the tenant's priority."""
+        request against its tenant's limits (401 / 403 / 429) and open its usage record."""
         slot = self.take(len(jobs))
         if self.tenants is None:
             return slot
-        from yun.server.tenancy import admit, principal_of
+        from yun.server.tenancy import admit
 
         room = self.engine.max_model_len
         reserved = sum(len(j.prompt_ids) + j.params.n * (
@@ -134,9 +147,8 @@ class OpenAIServing:
         except BaseException:
             slot.release()
             raise
-        priority = principal_of(raw).priority
         for j in jobs:
-            j.meter, j.params = meter, replace(j.params, priority=priority)
+            j.meter = meter
         slot.meter = meter
         return slot
 
@@ -166,11 +178,12 @@ class OpenAIServing:
         except InvalidParam as e:
             raise bad_request(str(e), e.param) from e
 
-    async def check_guided(self, spec: GuidedDecoding, param: str | None) -> None:
+    async def check_guided(self, spec: GuidedDecoding, param: str | None) -> Any:
         """Compile the output constraint now, in a worker thread (a 400 naming the problem
-        if it is invalid), so the engine loop finds it cached and never waits on it."""
+        if it is invalid), so the engine loop never waits on it. Returns the compiled
+        grammar for `Job.grammar`: the engine takes it without looking it up again."""
         try:
-            await run_in_threadpool(self.engine.compile_grammar, spec)
+            return await run_in_threadpool(self.engine.compile_grammar, spec)
         except ValueError as e:
             raise bad_request(str(e), param) from e
 
@@ -185,9 +198,11 @@ class OpenAIServing:
         if job.meter is not None:
             job.meter.job_started()
         try:
-            params = replace(job.params, output_kind=RequestOutputKind.DELTA)
-            stream = self.engine.generate(job.prompt_ids, params, job.request_id,
-                                          job.prompt_text)
+            if job.params.output_kind is not RequestOutputKind.DELTA:
+                raise RuntimeError("a job's params must ask for DELTA outputs (built by "
+                                   "the input processor with output_kind=DELTA)")
+            stream = self.engine.generate(job.prompt_ids, job.params, job.request_id,
+                                          job.prompt_text, job.grammar)
             try:
                 async for out in stream:
                     if first_token is None and any(c.token_ids for c in out.outputs):

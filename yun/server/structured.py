@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from yun.engine.inputs import chat_tool
 from yun.sampling_params import GuidedDecoding
 from yun.server.errors import bad_request
 from yun.server.protocol import ChatCompletionRequest, SamplingFields, ToolDefinition
@@ -144,10 +145,9 @@ def plan_tools(req: ChatCompletionRequest) -> ToolPlan:
 
 
 def _rendered(tool: ToolDefinition) -> dict[str, Any]:
-    """The tool as templates expect it (some read `parameters.properties` unconditionally)."""
-    d = tool.model_dump(exclude_none=True)
-    d["function"]["parameters"] = _parameters(tool)
-    return d
+    """The tool as templates expect it (yun/engine/inputs.py's `chat_tool`, which
+    `LLM.chat` uses too)."""
+    return chat_tool(tool.model_dump(exclude_none=True))
 
 
 def _parameters(tool: ToolDefinition) -> dict[str, Any]:
