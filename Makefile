@@ -7,6 +7,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+# The suite on two pytest-xdist workers, a file at a time each (module fixtures built once);
+# tests/conftest.py pins each worker to its share of the CPUs. `make test JOBS=` runs serially.
+JOBS ?= -n 2 --dist loadfile
 
 .PHONY: serve test setup setup-test clean-venv
 
@@ -36,7 +39,7 @@ serve: $(VENV)/.yun
 	$(VENV)/bin/yun serve $(ARGS)
 
 test: $(VENV)/.yun-test
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest tests $(JOBS) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
