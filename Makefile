@@ -7,9 +7,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
-# The suite on two pytest-xdist workers, a file at a time each (module fixtures built once);
-# tests/conftest.py pins each worker to its share of the CPUs. `make test JOBS=` runs serially.
-JOBS ?= -n 2 --dist loadfile
+# `make test JOBS="-n 2 --dist loadfile"`: two pytest-xdist workers, a file at a time each;
+# tests/conftest.py pins each worker to its share of the CPUs. Not the default yet: under
+# -n 2, tests/tenants/test_priority.py hung once and one tenants test failed (issue 14).
+JOBS ?=
 
 .PHONY: serve test setup setup-test clean-venv
 
