@@ -45,7 +45,7 @@ async def _load(url: str, key: str, stop_after: int) -> list[tuple[str, int]]:
 
     async def client(c: httpx.AsyncClient, i: int) -> None:
         body = {"model": "tiny", "messages": [{"role": "user", "content": f"Hi {i}"}],
-                "max_tokens": 4 + i % 8, "ignore_eos": True}
+                "max_tokens": 16 + i % 8, "ignore_eos": True}
         while len(done) < stop_after:
             try:
                 if i % 2:
@@ -82,8 +82,11 @@ def test_kill_9_mid_load_loses_no_completed_requests_record(qwen2_path, tmp_path
         # Let clients complete some requests, then kill -9 while others are in flight.
         async def main() -> list[tuple[str, int]]:
             loader = asyncio.create_task(_load(url, key, stop_after=10**9))
-            while len(_records(store)) < 24:
-                await asyncio.sleep(0.05)
+            # Kill while some request is in flight (its row still says running): the tiny
+            # model finishes a request in a few ms, so a kill at a random moment can find
+            # none running.
+            while len(_records(store)) < 24 or not _running(store):
+                await asyncio.sleep(0.01)
             os.kill(proc.pid, signal.SIGKILL)
             return await loader
 
@@ -119,3 +122,14 @@ def _records(store: TenantStore) -> list:
     from yun.tenants import metering
 
     return [r for r in metering.records(store, 0) if r["status"] != "running"]
+
+
+def _running(store: TenantStore) -> int:
+    """Requests admitted and not finished (their rows say running)."""
+    from sqlalchemy import func, select
+
+    from yun.tenants.models import UsageRecord
+
+    with store.sessions() as s:
+        return s.scalar(select(func.count()).select_from(UsageRecord)
+                        .where(UsageRecord.status == "running")) or 0
