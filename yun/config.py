@@ -215,6 +215,10 @@ class ModelConfig:
             return int(self.max_position_embeddings * factor)
         return self.max_position_embeddings
 
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Every layer's attention window, in order (None: full attention)."""
+        return tuple(self.sliding_window(i) for i in range(self.num_layers))
+
     def sliding_window(self, layer: int) -> int | None:
         """The attention window of `layer` (None: full attention), as transformers reads
         Qwen2/Qwen3 configs: a window only with `use_sliding_window`, on the layers that

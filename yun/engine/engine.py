@@ -165,8 +165,7 @@ class LLMEngine:
         slides (yun/engine/kv_cache.py), else None (some layer sees everything)."""
         if self.runner.is_encoder:
             return None
-        windows = [self.model_config.sliding_window(i)
-                   for i in range(self.model_config.num_layers)]
+        windows = self.model_config.layer_windows()
         if not windows or any(w is None for w in windows):
             return None
         return max(windows)

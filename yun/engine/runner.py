@@ -160,13 +160,13 @@ class ModelRunner:
         if self.is_encoder:
             return (), None
         cfg = self.model_config
-        windows = [cfg.sliding_window(i) for i in range(cfg.num_layers)]
+        windows = cfg.layer_windows()
         sliding = tuple(i for i, w in enumerate(windows) if w is not None)
         if not sliding or len(sliding) == len(windows):
             return (), None
         layers = getattr(getattr(self.model, "model", None), "layers", None)
-        if layers is None or [getattr(layer.self_attn, "window", None)
-                              for layer in layers] != windows:
+        if layers is None or tuple(getattr(layer.self_attn, "window", None)
+                                   for layer in layers) != windows:
             raise ValueError(f"{cfg.architecture} mixes sliding-window and full-attention "
                              "layers, which yun runs only for the Llama-family attention "
                              "(Qwen2, Qwen3)")
