@@ -84,3 +84,19 @@ def test_a_runner_without_native_kernels_runs_on_pure_torch(qwen2_path):
         native_tokens = llm.generate([{"prompt_token_ids": [5, 900, 33]}], params)
     assert current() is TORCH  # neither engine left anything behind
     assert torch_tokens[0].outputs[0].token_ids == native_tokens[0].outputs[0].token_ids
+
+
+def test_many_row_bf16_matmul_is_torch_on_amx_and_native_elsewhere():
+    """On AMX-BF16 CPUs torch's bf16 matmul (oneDNN, AMX tiles) beats the native GEMM that
+    widens to fp32; on every other CPU the native one runs (torch's collapses without bf16
+    hardware)."""
+    import torch.nn.functional as F
+
+    from yun import kernels
+
+    def native(x, w, b):  # stands in for the native GEMM
+        return x
+
+    assert kernels.bf16_many_rows(native, frozenset({"avx512f", "amx_bf16"})) is F.linear
+    assert kernels.bf16_many_rows(native, frozenset({"avx512f", "avx512_bf16"})) is native
+    assert kernels.bf16_many_rows(native, frozenset({"avx2", "fma"})) is native

@@ -114,7 +114,9 @@ class ModelRunner:
         from yun import kernels
 
         few, many = kernels.bf16_gemv(self._isa), kernels.bf16_gemm(self._isa)
-        return None if few is None or many is None else (few, many)
+        if few is None or many is None:
+            return None
+        return few, kernels.bf16_many_rows(many)
 
     def describe(self) -> str:
         """The start-up line: the CPU, its features, and the kernels this model runs on."""

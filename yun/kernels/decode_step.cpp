@@ -125,6 +125,7 @@ std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor residual,
 
 
 torch::Tensor silu_and_mul(torch::Tensor x);
+torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 
 namespace {
 
@@ -133,6 +134,7 @@ using QuantMatmulFn = torch::Tensor (*)(torch::Tensor, torch::Tensor, int64_t, i
                                         const std::string&);
 
 constexpr int64_t kF32 = 0, kF16 = 1, kBF16 = 30;  // ggml's float types
+constexpr int64_t kSkinnyMaxRows = 4;  // yun/layers/linear.py's SKINNY_MAX_ROWS
 
 bool is_float_type(int64_t q) { return q == kF32 || q == kF16 || q == kBF16; }
 
@@ -142,6 +144,7 @@ struct Linear {
   std::vector<int64_t> qtypes;
   int64_t cols = 0;
   c10::optional<torch::Tensor> bias;
+  bool dense = false;  // a dense Linear (one float part): the bias goes into its matmul
 };
 
 struct Layer {
@@ -157,15 +160,15 @@ class DecodePlan {
       : matmul_(reinterpret_cast<QuantMatmulFn>(matmul_address)), isa_(std::move(isa)),
         activations_(std::move(activations)), h_(num_heads), kvh_(num_kv_heads),
         scale_(scale), eps_(eps) {
-    TORCH_CHECK(matmul_address != 0, "DecodePlan: no quantized matmul");
   }
 
   void add_layer(torch::Tensor in_norm, torch::Tensor post_norm,
                  std::vector<std::vector<torch::Tensor>> parts,
                  std::vector<std::vector<int64_t>> qtypes, std::vector<int64_t> cols,
-                 std::vector<c10::optional<torch::Tensor>> biases, int64_t window) {
+                 std::vector<c10::optional<torch::Tensor>> biases, int64_t window,
+                 std::vector<bool> dense) {
     TORCH_CHECK(parts.size() == 4 && qtypes.size() == 4 && cols.size() == 4 &&
-                    biases.size() == 4,
+                    biases.size() == 4 && dense.size() == 4,
                 "DecodePlan.add_layer: qkv, o, gate_up and down expected");
     Layer l;
     l.in_norm = in_norm;
@@ -179,6 +182,9 @@ class DecodePlan {
       lins[i]->qtypes = qtypes[i];
       lins[i]->cols = cols[i];
       lins[i]->bias = biases[i];
+      lins[i]->dense = dense[i];
+      TORCH_CHECK(!dense[i] || (parts[i].size() == 1 && is_float_type(qtypes[i][0])),
+                  "DecodePlan.add_layer: a dense linear is one float part");
     }
     layers_.push_back(std::move(l));
   }
@@ -210,6 +216,14 @@ class DecodePlan {
  private:
   // As yun/layers/quant_linear.py: each part's matmul, concatenated, then the bias.
   torch::Tensor linear(const torch::Tensor& x, const Linear& lin) const {
+    if (lin.dense) {  // as yun/layers/linear.py: the bias inside the matmul
+      const torch::Tensor& w = lin.parts[0];
+      c10::optional<torch::Tensor> b;
+      if (lin.bias.has_value() && lin.bias->defined()) b = lin.bias;
+      if (w.scalar_type() == at::kBFloat16 && x.size(0) <= kSkinnyMaxRows)
+        return gemv_bf16(x, w, b);
+      return at::linear(x, w, b);
+    }
     torch::Tensor y;
     if (lin.parts.size() == 1) {
       y = part(x, lin.parts[0], lin.qtypes[0], lin.cols);
@@ -226,7 +240,14 @@ class DecodePlan {
 
   torch::Tensor part(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype,
                      int64_t cols) const {
+    // bf16 weights at decode: this build's weight-streaming kernel, as the Python path's
+    // yun/layers/linear.py picks for <= 4 rows (torch's bf16 matrix-vector product streams
+    // at a third of the speed); other float weights: torch.
+    if (qtype == kBF16 && x.scalar_type() == at::kBFloat16 && x.size(0) <= kSkinnyMaxRows &&
+        w.is_contiguous())
+      return gemv_bf16(x, w, c10::nullopt);
     if (is_float_type(qtype)) return at::linear(x, w.to(x.scalar_type()));
+    TORCH_CHECK(matmul_ != nullptr, "DecodePlan: a quantized weight, but no quantized matmul");
     torch::Tensor y = matmul_(x, w, qtype, cols, c10::nullopt, isa_, activations_);
     return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
   }

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from yun.layers import quantized
+from yun.layers.linear import linear
 
 # ggml types that are plain floats: these are loaded as ordinary dense tensors.
 FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # F32, F16, BF16
@@ -103,6 +104,8 @@ class QuantWeight(nn.Module):
 def _part_matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, cols: int) -> torch.Tensor:
     """x [T, cols] @ one part's weight.T -> [T, rows] in x's dtype."""
     if qtype in FLOAT_TYPES:
+        if data.dtype == torch.bfloat16 and x.dim() == 2:  # the backend's bf16 kernels
+            return linear(x, data)
         return torch.nn.functional.linear(x, data.to(x.dtype))
     return quantized.quant_matmul(x, data, qtype, cols, None)
 
