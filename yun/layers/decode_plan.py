@@ -88,16 +88,12 @@ def _build(layers: list[Any], ops: Any, backend: QuantKernels | None,
         if ((a.h, a.kvh, a.scale) != (a0.h, a0.kvh, a0.scale)
                 or any(n.eps != eps or n.weight.dtype != dtype for n in norms)):
             return None
-        lins = [_linear_parts(m, dense_bf16) for m in (a.qkv_proj, a.o_proj,
-                                                       layer.mlp.gate_up_proj,
-                                                       layer.mlp.down_proj)]
+        lins = [_linear_parts(m, dense_bf16) for m in _linears(layer)]
         if any(lin is None for lin in lins):
             return None
         if backend is None and any(q not in FLOAT_TYPES for lin in lins for q in lin[1]):
             return None
-        dense = [type(m) is not QuantLinear for m in (a.qkv_proj, a.o_proj,
-                                                     layer.mlp.gate_up_proj,
-                                                     layer.mlp.down_proj)]
+        dense = [type(m) is not QuantLinear for m in _linears(layer)]
         plan.add_layer(norms[0].weight.data, norms[1].weight.data, [lin[0] for lin in lins],
                        [lin[1] for lin in lins], [lin[2] for lin in lins],
                        [lin[3] for lin in lins], a.window or 0, dense)
@@ -106,9 +102,13 @@ def _build(layers: list[Any], ops: Any, backend: QuantKernels | None,
 
 def _has_dense_bf16(layers: list[Any]) -> bool:
     return any(type(m) in (Linear, MergedLinear) and m.weight.dtype == torch.bfloat16
-               for layer in layers
-               for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                         layer.mlp.gate_up_proj, layer.mlp.down_proj))
+               for layer in layers for m in _linears(layer))
+
+
+def _linears(layer: Any) -> tuple[Any, Any, Any, Any]:
+    """A layer's four linears, in the plan's order: qkv, o, gate_up, down."""
+    a = layer.self_attn
+    return a.qkv_proj, a.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
 
 
 def _plan_for(model: torch.nn.Module, layers: list[Any], kernels: Backend) -> Any | None:
@@ -122,7 +122,8 @@ def _plan_for(model: torch.nn.Module, layers: list[Any], kernels: Backend) -> An
                                                   backend.activations), dense_bf16)
     cached = model.__dict__.get("_decode_plan")
     if cached is None or cached[0] != key:
-        cached = (key, _build(layers, ops, backend, dense_bf16))
+        plan = _build(layers, ops, backend, dense_bf16)
+        cached = (key, plan, plan is not None and _has_dense_bf16(layers))
         model.__dict__["_decode_plan"] = cached
     return cached[1]
 
@@ -148,7 +149,7 @@ def run_layers(model: torch.nn.Module, layers: list[Any], x: torch.Tensor,
         return None
     if (x.shape[0] > SKINNY_MAX_ROWS and kernels.bf16 is not None
             and kernels.bf16[1] is not torch.nn.functional.linear
-            and _has_dense_bf16(layers)):
+            and model.__dict__["_decode_plan"][2]):
         return None  # dense bf16 rows beyond the GEMV's: the plan would not call this GEMM
     return plan.run(x, cos, sin, caches, meta.slot_mapping, meta.decode_block_tables,
                     meta.decode_context_lens)
