@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 SEQS = 2  # engine slots: the flood keeps both busy and the rest waits
+BATCH_TOKENS = 64  # each flood request holds its slot for this many decode steps
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,8 @@ def small_engine(qwen2_path):
     eng.shutdown()
 
 
-async def _first_token_at(c: httpx.AsyncClient, key: str, max_tokens: int) -> float:
+async def _first_token_at(c: httpx.AsyncClient, key: str, max_tokens: int,
+                          started: list[float] | None = None) -> float:
     body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": max_tokens,
             "ignore_eos": True, "stream": True}
     first = None
@@ -32,6 +34,8 @@ async def _first_token_at(c: httpx.AsyncClient, key: str, max_tokens: int) -> fl
         async for line in r.aiter_lines():
             if first is None and line.startswith('data: {"id"') and '"text":"' in line:
                 first = time.monotonic()
+                if started is not None:
+                    started.append(first)
     assert first is not None
     return first
 
@@ -44,10 +48,19 @@ def test_interactive_request_overtakes_a_waiting_batch_flood(tmp_path, small_eng
     bulk, chat = ts.key("bulk"), ts.key("chat")
 
     async def main() -> tuple[float, list[float], float]:
+        started: list[float] = []  # first-token times of the flood, as they come
         async with httpx.AsyncClient(base_url=ts.url, timeout=120) as c:
-            flood = [asyncio.create_task(_first_token_at(c, bulk, 24)) for _ in range(12)]
-            while small_engine.stats.num_waiting < 8:  # both slots busy, the rest queued
-                await asyncio.sleep(0.01)
+            flood = [asyncio.create_task(_first_token_at(c, bulk, BATCH_TOKENS, started))
+                     for _ in range(12)]
+            # Both slots busy and streaming (so the two running requests are not taken
+            # for waiting ones), the rest queued. Long batch outputs keep the slots held
+            # until the interactive request is in the queue.
+            deadline = time.monotonic() + 60
+            while small_engine.stats.num_waiting < 8 or len(started) < SEQS:
+                assert time.monotonic() < deadline, (
+                    f"the flood never queued: {small_engine.stats.num_waiting} waiting, "
+                    f"{len(started)} streaming")
+                await asyncio.sleep(0.005)
             sent = time.monotonic()
             mine = await _first_token_at(c, chat, 4)
             return sent, await asyncio.gather(*flood), mine
