@@ -77,13 +77,13 @@ def decode_rows(mod, isas: list[str], types: list[QT]) -> None:
                   + f" {w.numel() * 4 / t / 1e9:12.1f} {t / best:9.1f}x")
 
 
-def prefill_rows(mod, isas: list[str], ms: list[int]) -> None:
+def prefill_rows(mod, isas: list[str], ms: list[int], types: list[QT]) -> None:
     print("\nprefill: GFLOP/s (2*M*N*K / time); 'deq+mm' = dequantize (torch) then fp32 "
           "F.linear, 'fp32' = F.linear on an already dequantized weight")
     n, k = 896, 4864
     print(f"{'type':6} {'M':>4} " + " ".join(f"{i:>17}" for i in isas)
           + f" {'deq+mm':>8} {'fp32':>8}")
-    for qtype in (QT.Q4_K, QT.Q8_0):
+    for qtype in types:
         data = weight(qtype, n, k)
         w = dequantize(data, qtype, k)
         for m in ms:
@@ -123,7 +123,7 @@ def main() -> None:
     if not args.no_decode:
         decode_rows(mod, isas, [QT[t] for t in args.types])
     if not args.no_prefill:
-        prefill_rows(mod, isas, args.m)
+        prefill_rows(mod, isas, args.m, [QT[t] for t in args.types])
 
 
 if __name__ == "__main__":

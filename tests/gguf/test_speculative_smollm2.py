@@ -22,7 +22,7 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def engines(smollm2):
-    kw = dict(kv_cache_memory=64 * 2**20, max_model_len=1024, num_threads=2)
+    kw = dict(kv_cache_memory=64 * 2**20, max_model_len=1024)  # threads: the CPUs it may use
     return LLM(smollm2, **kw), LLM(smollm2, speculative_method="ngram", **kw)
 
 

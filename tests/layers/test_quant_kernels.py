@@ -219,6 +219,26 @@ def test_partial_chunks_read_no_byte_past_their_row(qtype, isa):
 
 
 @needs_native
+@pytest.mark.parametrize("activations", ["int16", "int8"])
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q6_K],
+                         ids=lambda t: t.name)
+def test_a_rows_output_does_not_depend_on_the_rows_beside_it(qtype, isa, activations):
+    """Batched decode and prefill (many rows: the kernels' many-row loops) give each row
+    bit for bit what it gets alone (decode's one-row loop), partial chunks included, so a
+    request's tokens do not depend on what it is batched with."""
+    k = 896 if block_info(qtype)[0] == 32 else 768
+    data = torch.from_numpy(random_weight(qtype, 45, k, seed=3))
+    x = torch.randn(33, k, generator=torch.Generator().manual_seed(3))
+    bias = torch.randn(45)
+    alone = torch.cat([native.matmul(x[i:i + 1], data, int(qtype), k, bias, isa, activations)
+                       for i in range(x.shape[0])])
+    for m in (2, 4, 8, 13, 33):
+        y = native.matmul(x[:m], data, int(qtype), k, bias, isa, activations)
+        assert torch.equal(y, alone[:m]), (qtype.name, isa, activations, m)
+
+
+@needs_native
 @pytest.mark.parametrize("isa", PATHS)
 def test_bfloat16_activations_give_bfloat16_outputs_of_the_same_product(isa):
     data = torch.from_numpy(random_weight(QT.Q4_K, 40, 512))
