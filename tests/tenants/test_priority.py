@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 SEQS = 2  # engine slots: the flood keeps both busy and the rest waits
-BATCH_TOKENS = 64  # each flood request holds its slot for this many decode steps
+BATCH_TOKENS = 384  # each flood request holds its slot for this many decode steps (on one
+# CPU, as an xdist worker has, 64 steps end before the next request is through HTTP)
 
 
 @pytest.fixture(scope="module")

@@ -99,6 +99,13 @@ def metric(server: LiveServer, sample: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def finished_counts(server: LiveServer) -> dict[str, float]:
+    """yun_request_finished_total by finish reason (for a failing assertion's message)."""
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^yun_request_finished_total\{finish_reason="([^"]+)"\} (\S+)$', text, re.M)}
+
+
 def wait_for(check, timeout: float = 20.0, every: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -15,7 +15,7 @@ import shutil
 import httpx
 import pytest
 
-from tests.ui.conftest import API_KEY, MODEL, browser_missing, metric, wait_for
+from tests.ui.conftest import API_KEY, MODEL, browser_missing, finished_counts, metric, wait_for
 
 if browser_missing():
     pytest.skip(browser_missing(), allow_module_level=True)
@@ -131,8 +131,13 @@ def test_two_turns_survive_a_reload_and_new_chat_clears_them(ui_server, page, tm
 
 def test_stop_aborts_the_generation_on_the_server(ui_server, ui_engine, page):
     aborted = 'yun_request_finished_total{finish_reason="abort"}'
-    before = metric(ui_server, aborted)
+    before, counts_before = metric(ui_server, aborted), finished_counts(ui_server)
     open_chat(page, ui_server, max_tokens=4000, seed=3)
+    # A random model may sample its end token at any step (and where depends on the
+    # threads: an xdist worker has one CPU), so the page's request also asks to ignore it:
+    # the reply can only end by the stop button.
+    page.route(CHAT, lambda route: route.continue_(post_data=json.dumps(
+        {**route.request.post_data_json, "ignore_eos": True})))
     send(page, "Tell me a very long story.")
     expect(page.locator(".msg.assistant .body")).not_to_be_empty()  # text streams in ...
     expect(page.locator("#stop")).to_be_visible()  # ... while the reply is unfinished
@@ -143,7 +148,8 @@ def test_stop_aborts_the_generation_on_the_server(ui_server, ui_engine, page):
         re.compile(r"^TTFT \d+\.\d\d s · stopped$"))
     assert wait_for(lambda: metric(ui_server, "yun_num_requests_running") == 0
                     and ui_engine.num_unfinished == 0)
-    assert wait_for(lambda: metric(ui_server, aborted) == before + 1)
+    assert wait_for(lambda: metric(ui_server, aborted) == before + 1), (
+        counts_before, finished_counts(ui_server))
     reply = stored(page)[-1]
     assert reply["stopped"] and reply["content"] and "pending" not in reply
 
