@@ -40,9 +40,10 @@ def browser_missing() -> str | None:
 
 @pytest.fixture(scope="package")
 def ui_engine(checkpoint_factory) -> Iterator[AsyncEngine]:
-    """The tiny Qwen2 with a 4096-token context, so a reply can run long enough to stop."""
-    path = checkpoint_factory("qwen2", max_position_embeddings=4096)
-    engine = AsyncEngine(EngineConfig(model=path, kv_cache_memory=8 * 2**20))
+    """The tiny Qwen2 with a 32k-token context, so a reply can run long enough to stop
+    (it makes ~1,000 tokens a second: 4,000 could end before a busy browser looks)."""
+    path = checkpoint_factory("qwen2", max_position_embeddings=32768)
+    engine = AsyncEngine(EngineConfig(model=path, kv_cache_memory=24 * 2**20))
     yield engine
     engine.shutdown()
 

@@ -132,7 +132,7 @@ def test_two_turns_survive_a_reload_and_new_chat_clears_them(ui_server, page, tm
 def test_stop_aborts_the_generation_on_the_server(ui_server, ui_engine, page):
     aborted = 'yun_request_finished_total{finish_reason="abort"}'
     before, counts_before = metric(ui_server, aborted), finished_counts(ui_server)
-    open_chat(page, ui_server, max_tokens=4000, seed=3)
+    open_chat(page, ui_server, max_tokens=30000, seed=3)
     # A random model may sample its end token at any step (and where depends on the
     # threads: an xdist worker has one CPU), so the page's request also asks to ignore it:
     # the reply can only end by the stop button.
@@ -140,7 +140,12 @@ def test_stop_aborts_the_generation_on_the_server(ui_server, ui_engine, page):
         {**route.request.post_data_json, "ignore_eos": True})))
     send(page, "Tell me a very long story.")
     expect(page.locator(".msg.assistant .body")).not_to_be_empty()  # text streams in ...
-    expect(page.locator("#stop")).to_be_visible()  # ... while the reply is unfinished
+    try:
+        expect(page.locator("#stop")).to_be_visible()  # ... while the reply is unfinished
+    except AssertionError as e:  # the reply ended by itself: say how
+        raise AssertionError(f"the reply ended before the stop: {stored(page)[-1]}, "
+                             f"finished {counts_before} -> {finished_counts(ui_server)}, "
+                             f"max_model_len {ui_engine.max_model_len}") from e
     assert metric(ui_server, "yun_num_requests_running") == 1
     page.click("#stop")
     wait_done(page)
