@@ -233,14 +233,26 @@ inline __m512i dot_signed(__m512i w, __m512i x) {
 // sign-extended) against x's two 32-value halves, as stored. i32 lane L sums 4 products
 // of values in 16-value quarter L / 4, the same groups as the int8 dot's lanes.
 template <bool Signed>
-inline __m512i dot16(__m512i u, const int16_t* x) {
+inline void widen16(__m512i u, __m512i& lo, __m512i& hi) {
   const __m512i high = Signed ? _mm512_movm_epi8(_mm512_movepi8_mask(u)) : _mm512_setzero_si512();
-  const __m512i lo = _mm512_unpacklo_epi8(u, high), hi = _mm512_unpackhi_epi8(u, high);
+  lo = _mm512_unpacklo_epi8(u, high);
+  hi = _mm512_unpackhi_epi8(u, high);
+}
+
+// The widened weights (widen16) against x's two 32-value halves x0, x1.
+inline __m512i dot16w(__m512i lo, __m512i hi, __m512i x0, __m512i x1) {
 #if YQ_VNNI
-  return _mm512_dpwssd_epi32(_mm512_madd_epi16(lo, load512(x)), hi, load512(x + 32));
+  return _mm512_dpwssd_epi32(_mm512_madd_epi16(lo, x0), hi, x1);
 #else
-  return _mm512_add_epi32(_mm512_madd_epi16(lo, load512(x)), _mm512_madd_epi16(hi, load512(x + 32)));
+  return _mm512_add_epi32(_mm512_madd_epi16(lo, x0), _mm512_madd_epi16(hi, x1));
 #endif
+}
+
+template <bool Signed>
+inline __m512i dot16(__m512i u, const int16_t* x) {
+  __m512i lo, hi;
+  widen16<Signed>(u, lo, hi);
+  return dot16w(lo, hi, load512(x), load512(x + 32));
 }
 
 template <int QT, bool W16>
@@ -294,7 +306,8 @@ struct Kern {
     }
   }
 
-  // Where chunk_many() runs instead of chunk(): K-quants against 8 rows of x. Measured on
+  // Where chunk_many() runs instead of chunk(): K-quants (whole chunks only: a K-quant
+  // block is a chunk) against 8 rows of x. Measured on
   // Zen 5 (2 threads, M = 16..256, interleaved A/B): 1.1-1.25x for Q4_K and Q6_K, 0.86-0.96x
   // for the blocks of 32 (Q5_0, Q8_0), whose lighter decode leaves less to share.
   template <int MB>
@@ -306,31 +319,24 @@ struct Kern {
   // rows, where chunk() does both per (weight row, x row). The per-lane scale a * dx is
   // the same product either way, and each accumulator adds the same terms in the same
   // order (the c term, then vectors 0, 1, ...): the result is bit for bit chunk()'s.
-  template <bool Whole, int R, int MB>
+  template <int R, int MB>
   __attribute__((always_inline)) static inline void chunk_many(const Job& j, const uint8_t* const* w, int64_t ch,
                                                               const XT* xq, const float* dg, const float* sg,
                                                               int64_t gpr, const __m512i* idx, __m512 (*acc)[MB]) {
     constexpr int CB = chunk_bytes<QT>();
     const int64_t kp = j.x.kp;
-    const int nb = Whole ? 8 : static_cast<int>(j.tail_bytes / Format<QT>::bytes);
-    const int nv = Whole ? 4 : (nb + 1) / 2;
     Chunk c[R];
     for (int r = 0; r < R; ++r) {
-      decode<QT>(w[r] + ch * CB, c[r], nb);
+      decode<QT>(w[r] + ch * CB, c[r], 8);
       for (int m = 0; m < MB; ++m)
         acc[r][m] = _mm512_fmadd_ps(c[r].c, group_floats(sg + m * gpr + ch * NG), acc[r][m]);
     }
-    for (int v = 0; v < nv; ++v) {
+    for (int v = 0; v < 4; ++v) {
       __m512 aw[R];
       __m512i lo[R], hi[R];
       for (int r = 0; r < R; ++r) {
         aw[r] = _mm512_permutexvar_ps(idx[v], c[r].a);
-        if constexpr (W16) {
-          const __m512i u = c[r].u[v];
-          const __m512i high = kSigned ? _mm512_movm_epi8(_mm512_movepi8_mask(u)) : _mm512_setzero_si512();
-          lo[r] = _mm512_unpacklo_epi8(u, high);
-          hi[r] = _mm512_unpackhi_epi8(u, high);
-        }
+        if constexpr (W16) widen16<kSigned>(c[r].u[v], lo[r], hi[r]);
       }
       for (int m = 0; m < MB; ++m) {
         const XT* x = xq + m * kp + ch * kChunk + 64 * v;
@@ -345,11 +351,7 @@ struct Kern {
         for (int r = 0; r < R; ++r) {
           __m512i i;
           if constexpr (W16) {
-#if YQ_VNNI
-            i = _mm512_dpwssd_epi32(_mm512_madd_epi16(lo[r], x0), hi[r], x1);
-#else
-            i = _mm512_add_epi32(_mm512_madd_epi16(lo[r], x0), _mm512_madd_epi16(hi[r], x1));
-#endif
+            i = dot16w(lo[r], hi[r], x0, x1);
           } else {
             i = kSigned ? dot_signed(c[r].u[v], x0) : dot(c[r].u[v], x0);
           }
@@ -388,13 +390,10 @@ struct Kern {
     for (int64_t ch = 0; ch < full; ++ch) {
       for (const int64_t want = (ch + 1) * lines / j.chunks; fetched < want; ++fetched)
         _mm_prefetch(next + 64 * fetched, _MM_HINT_T0);
-      if constexpr (kMany<MB>) chunk_many<true, R, MB>(j, w, ch, xq, dg, sg, gpr, idx, acc);
+      if constexpr (kMany<MB>) chunk_many<R, MB>(j, w, ch, xq, dg, sg, gpr, idx, acc);
       else chunk<true, R, MB>(j, w, ch, xq, dg, sg, gpr, idx, acc);
     }
-    if (full < j.chunks) {
-      if constexpr (kMany<MB>) chunk_many<false, R, MB>(j, w, full, xq, dg, sg, gpr, idx, acc);
-      else chunk<false, R, MB>(j, w, full, xq, dg, sg, gpr, idx, acc);
-    }
+    if (full < j.chunks) chunk<false, R, MB>(j, w, full, xq, dg, sg, gpr, idx, acc);
     for (int r = 0; r < R; ++r) {
       const float b = j.bias ? j.bias[nr[r]] : 0.f;
       for (int m = 0; m < MB; ++m) j.y[(m0 + m) * j.ldy + nr[r]] = _mm512_reduce_add_ps(acc[r][m]) + b;
