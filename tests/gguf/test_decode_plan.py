@@ -122,11 +122,24 @@ def test_bf16_weights_stream_through_the_native_kernel_in_both_paths(gguf_models
         assert _generate(llm, False, 12) == with_plan
 
 
+def test_f32_weights_stream_through_the_native_kernel_in_both_paths(gguf_models):
+    """An F32 file's decode: both paths call the native fp32 GEMV (torch's streams at ~40%
+    of the read bandwidth). Its sum order is not torch's, so bit-equal logprobs say both
+    paths took the same kernel."""
+    with LLM(gguf_models.gguf("qwen2", "F32"), num_threads=1,
+             kv_cache_memory=32 * 2**20) as llm:
+        runner = llm.engine.runner
+        assert str(runner.dtype) == "torch.float32" and runner.backend.f32 is not None
+        with_plan = _generate(llm, True, 12)
+        assert _plan_of(llm) is not None
+        assert _generate(llm, False, 12) == with_plan
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_dense_float_weights_decode_identically_through_the_plan(qwen2_path, dtype):
     """An HF checkpoint's dense weights (Qwen2: q/k/v bias inside the matmul) run through
-    the plan too, float32 on torch's matmul and bfloat16 on the native GEMV, bit for bit
-    the Python layers' tokens and logprobs, batch of 3 included."""
+    the plan too, float32 and bfloat16 on the native GEMVs, bit for bit the Python
+    layers' tokens and logprobs, batch of 3 included."""
     with LLM(qwen2_path, num_threads=1, dtype=dtype, kv_cache_memory=32 * 2**20) as llm:
         with_plan = _generate(llm, True, 12)
         assert _plan_of(llm) is not None

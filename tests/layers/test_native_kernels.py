@@ -33,6 +33,91 @@ def test_kernel_matches_float32_reference(M, N, K, kind):
         assert torch.allclose(y.float(), want, rtol=2 ** -7, atol=1e-2)
 
 
+HAS_DOT = gemm is not None and kernels.native("avx512").gemm_bf16_has_dot()
+
+
+@pytest.mark.skipif(not HAS_DOT, reason="no AVX512-BF16 on this CPU")
+@pytest.mark.parametrize("M", [1, 5, 6, 7, 64])
+@pytest.mark.parametrize("N,K", [(64, 896), (203, 37), (9, 1031), (130, 16), (65, 1),
+                                 (70, 513)])
+def test_bf16_dot_gemm_matches_float64_reference(M, N, K):
+    """The vdpbf16ps micro-kernel (AVX512-BF16): bf16 x bf16 products are exact, the sums
+    fp32, so it sits within fp32 rounding of the exact product, as the widening kernel
+    does; odd K (a half-filled last pair), K past one panel (512), ragged N and M."""
+    mod = kernels.native("avx512")
+    g = torch.Generator().manual_seed(M * 7 + N * 3 + K)
+    w = torch.randn(N, K, generator=g).bfloat16()
+    x = torch.randn(M, K, generator=g).bfloat16()
+    b = torch.randn(N, generator=g)
+    ref = x.double() @ w.double().T
+    tol = 4e-7 * K ** 0.5 * (x.double().abs() @ w.double().abs().T) + 1e-6
+    for kernel in ("dot", "widen"):
+        y = mod.gemm_bf16_kernel(x.float(), w, b, kernel)
+        assert y.dtype == torch.float32 and y.shape == (M, N)
+        assert ((y.double() - ref - b.double()).abs() <= tol).all(), kernel
+    # auto: bf16 x takes the dot kernel (bit for bit), fp32 x the widening one.
+    assert torch.equal(mod.gemm_bf16(x, w, None),
+                       mod.gemm_bf16_kernel(x, w, None, "dot"))
+    assert torch.equal(mod.gemm_bf16(x.float(), w, None),
+                       mod.gemm_bf16_kernel(x.float(), w, None, "widen"))
+    with pytest.raises(RuntimeError, match="auto, widen or dot"):
+        mod.gemm_bf16_kernel(x, w, None, "amx")
+
+
+F32_BUILDS = [isa for isa in kernels.ISAS if kernels.f32_gemv(isa) is not None]
+
+
+@pytest.mark.skipif(not F32_BUILDS, reason="no native build runs on this CPU")
+@pytest.mark.parametrize("isa", F32_BUILDS)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("N,K", [(64, 896), (203, 37), (9, 4864), (130, 16), (17, 7), (1, 9),
+                                 (33, 263)])
+def test_f32_gemv_matches_float64_reference(isa, M, N, K):
+    """The fp32-weight GEMV of each build this CPU runs: fp32 accumulation of an exact
+    product (no rounding of x or w), so within fp32's rounding of a K-term sum."""
+    gemv32 = kernels.f32_gemv(isa)
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    w = torch.randn(N, K, generator=g)
+    x = torch.randn(M, K, generator=g)
+    b = torch.randn(N, generator=g)
+    ref = x.double() @ w.double().T
+    tol = 4e-7 * (x.double().abs() @ w.double().abs().T) + 1e-6  # ~K eps-sized roundings
+    for bias in (b, None):
+        y = gemv32(x, w, bias)
+        assert y.dtype == torch.float32 and y.shape == (M, N)
+        want = ref + b.double() if bias is not None else ref
+        assert ((y.double() - want).abs() <= tol * K ** 0.5).all()
+    # bf16 activations: widened exactly, the result rounded once to bf16.
+    yb = gemv32(x.bfloat16(), w, None)
+    want = (x.bfloat16().double() @ w.double().T)
+    assert yb.dtype == torch.bfloat16
+    assert torch.allclose(yb.double(), want, rtol=2 ** -7, atol=1e-2)
+    with pytest.raises(RuntimeError, match="float32"):
+        gemv32(x, w.bfloat16(), None)
+
+
+@pytest.mark.skipif(not F32_BUILDS, reason="no native build runs on this CPU")
+def test_dispatch_uses_the_f32_gemv_for_few_fp32_rows_only():
+    calls = []
+    gemv32 = kernels.f32_gemv()
+
+    def spy(x, w, b):
+        calls.append(x.shape[0])
+        return gemv32(x, w, b)
+
+    w, b = torch.randn(32, 64), torch.randn(32)
+    n = linear_mod.SKINNY_MAX_ROWS
+    with use_backend(Backend(f32=spy)):
+        for rows in (1, n, n + 1):
+            x = torch.randn(rows, 64)
+            assert torch.allclose(linear_mod.linear(x, w, b), F.linear(x, w, b),
+                                  rtol=1e-5, atol=1e-5)
+        linear_mod.linear(torch.randn(1, 64), w.T.contiguous().T)  # strided w: torch
+        assert calls == [1, n]
+    linear_mod.linear(torch.randn(1, 64), w)  # outside any engine: torch
+    assert calls == [1, n]
+
+
 @needs_kernel
 def test_dispatch_uses_kernel_for_few_bf16_rows_and_torch_otherwise(monkeypatch):
     calls = []
@@ -49,7 +134,7 @@ def test_dispatch_uses_kernel_for_few_bf16_rows_and_torch_otherwise(monkeypatch)
             x = torch.randn(rows, 64).bfloat16()
             y = linear_mod.linear(x, w)
             assert torch.allclose(y.float(), F.linear(x, w).float(), rtol=2 ** -7, atol=1e-2)
-        linear_mod.linear(torch.randn(1, 64), w.float())  # fp32 never goes native
+        linear_mod.linear(torch.randn(1, 64), w.float())  # fp32: not the bf16 kernels
         n = linear_mod.SKINNY_MAX_ROWS
         assert calls == [("few", 1), ("few", n), ("many", n + 1)]
     linear_mod.linear(torch.randn(1, 64).bfloat16(), w)  # outside: torch

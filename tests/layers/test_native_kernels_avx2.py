@@ -222,6 +222,7 @@ def test_forced_avx2_engine_greedy_tokens_equal_torch_fallback(qwen2_path, dtype
                 assert backend.decode is mod.paged_decode_attention
                 assert (backend.bf16 == (mod.gemv_bf16, kernels.bf16_many_rows(mod.gemm_bf16))
                         if dtype == "bfloat16" else backend.bf16 is None)
+                assert backend.f32 is mod.gemv_f32
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
             tokens[isa] = [o.outputs[0].token_ids for o in outs]
         finally:

@@ -103,7 +103,8 @@ class ModelRunner:
         """The kernels this runner's model runs on (pure torch off CPU or without
         native_kernels)."""
         quant = self._quant_kernels()
-        return Backend(bf16=self._bf16_kernels(), decode=self._decode_kernel(),
+        return Backend(bf16=self._bf16_kernels(), f32=self._f32_kernel(),
+                       decode=self._decode_kernel(),
                        fused=self._fused_ops(),
                        quant=None if quant is None else QuantKernels.choose(quant))
 
@@ -118,6 +119,16 @@ class ModelRunner:
             return None
         return few, kernels.bf16_many_rows(many)
 
+    def _f32_kernel(self):
+        """The native fp32-weight GEMV for decode rows (torch's streams at ~40% of the
+        read bandwidth), for any model on CPU: fp32 weights appear in bf16 models too
+        (a GGUF's F32 tensors)."""
+        if not (self.config.native_kernels and self.device.type == "cpu"):
+            return None
+        from yun import kernels
+
+        return kernels.f32_gemv(self._isa)
+
     def describe(self) -> str:
         """The start-up line: the CPU, its features, and the kernels this model runs on."""
         from yun.kernels import native_isa
@@ -129,6 +140,7 @@ class ModelRunner:
         quant = self.backend.quant_name if self.has_quantized_weights else "-"
         build = native_isa(isa=self._isa) if self.config.native_kernels else None
         kernels = (f"native build: {build or 'none'}, bf16 matmul: {self.backend.bf16_name}, "
+                   f"fp32 decode matmul: {self.backend.f32_name}, "
                    f"decode attention: {self.backend.decode_name}")
         return f"{describe(quant)}; {kernels}; weights {weights}"
 

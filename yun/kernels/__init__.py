@@ -144,6 +144,12 @@ def bf16_gemv(isa: str | None = None) -> MatmulFn | None:
     return None if mod is None else mod.gemv_bf16
 
 
+def f32_gemv(isa: str | None = None) -> MatmulFn | None:
+    """x [M<=4, K] @ w[N, K].T for fp32 w: streams the weights once (decode)."""
+    mod = native(isa)
+    return None if mod is None else mod.gemv_f32
+
+
 def bf16_gemm(isa: str | None = None) -> MatmulFn | None:
     """x [M, K] @ w[N, K].T for bf16 w: register-blocked, weights widened once per block."""
     mod = native(isa)

@@ -126,6 +126,7 @@ std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor residual,
 
 torch::Tensor silu_and_mul(torch::Tensor x);
 torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 
 namespace {
 
@@ -155,11 +156,14 @@ struct Layer {
 
 class DecodePlan {
  public:
+  // native_f32: float32 weights at <= 4 rows take this build's weight-streaming GEMV, as
+  // the Python path does when its backend has one (yun/layers/linear.py); else torch's.
   DecodePlan(int64_t matmul_address, std::string isa, std::string activations,
-             int64_t num_heads, int64_t num_kv_heads, double scale, double eps)
+             int64_t num_heads, int64_t num_kv_heads, double scale, double eps,
+             bool native_f32)
       : matmul_(reinterpret_cast<QuantMatmulFn>(matmul_address)), isa_(std::move(isa)),
         activations_(std::move(activations)), h_(num_heads), kvh_(num_kv_heads),
-        scale_(scale), eps_(eps) {
+        scale_(scale), eps_(eps), native_f32_(native_f32) {
   }
 
   void add_layer(torch::Tensor in_norm, torch::Tensor post_norm,
@@ -222,6 +226,7 @@ class DecodePlan {
       if (lin.bias.has_value() && lin.bias->defined()) b = lin.bias;
       if (w.scalar_type() == at::kBFloat16 && x.size(0) <= kSkinnyMaxRows)
         return gemv_bf16(x, w, b);
+      if (skinny_f32(x, w)) return gemv_f32(x, w, b);
       return at::linear(x, w, b);
     }
     torch::Tensor y;
@@ -246,16 +251,23 @@ class DecodePlan {
     if (qtype == kBF16 && x.scalar_type() == at::kBFloat16 && x.size(0) <= kSkinnyMaxRows &&
         w.is_contiguous())
       return gemv_bf16(x, w, c10::nullopt);
+    if (qtype == kF32 && skinny_f32(x, w)) return gemv_f32(x, w, c10::nullopt);
     if (is_float_type(qtype)) return at::linear(x, w.to(x.scalar_type()));
     TORCH_CHECK(matmul_ != nullptr, "DecodePlan: a quantized weight, but no quantized matmul");
     torch::Tensor y = matmul_(x, w, qtype, cols, c10::nullopt, isa_, activations_);
     return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
   }
 
+  bool skinny_f32(const torch::Tensor& x, const torch::Tensor& w) const {
+    return native_f32_ && w.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
+           x.size(0) <= kSkinnyMaxRows && w.is_contiguous();
+  }
+
   QuantMatmulFn matmul_;
   std::string isa_, activations_;
   int64_t h_, kvh_;
   double scale_, eps_;
+  bool native_f32_;
   std::vector<Layer> layers_;
 };
 
@@ -267,10 +279,11 @@ void register_decode_plan(pybind11::module_& m) {
                                "every decoder layer of one decode step in one call",
                                pybind11::module_local())
       .def(pybind11::init<int64_t, std::string, std::string, int64_t, int64_t, double,
-                          double>(),
+                          double, bool>(),
            pybind11::arg("matmul_address"), pybind11::arg("isa"),
            pybind11::arg("activations"), pybind11::arg("num_heads"),
-           pybind11::arg("num_kv_heads"), pybind11::arg("scale"), pybind11::arg("eps"))
+           pybind11::arg("num_kv_heads"), pybind11::arg("scale"), pybind11::arg("eps"),
+           pybind11::arg("native_f32") = false)
       .def("add_layer", &DecodePlan::add_layer)
       .def("num_layers", &DecodePlan::num_layers)
       .def("run", &DecodePlan::run, pybind11::call_guard<pybind11::gil_scoped_release>());

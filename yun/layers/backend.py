@@ -64,6 +64,7 @@ class Backend:
     """Which kernels the layers run; None everywhere (`TORCH`) is pure torch."""
 
     bf16: tuple[SkinnyFn, SkinnyFn] | None = None  # bf16 matmul: (few rows, many rows)
+    f32: SkinnyFn | None = None  # fp32 weights at few rows (decode): the streaming GEMV
     decode: DecodeFn | None = None  # paged decode attention
     fused: Any = None  # the fused elementwise ops' extension (norms, SiLU, rotary, plans)
     quant: QuantKernels | None = None  # quantized GGUF matmuls
@@ -71,6 +72,10 @@ class Backend:
     @property
     def bf16_name(self) -> str:
         return "native" if self.bf16 is not None else "torch"
+
+    @property
+    def f32_name(self) -> str:
+        return "native" if self.f32 is not None else "torch"
 
     @property
     def decode_name(self) -> str:

@@ -69,7 +69,7 @@ def _qualifies(layer: object) -> bool:
 
 
 def _build(layers: list[Any], ops: Any, backend: QuantKernels | None,
-           dense_bf16: bool) -> Any | None:
+           dense_bf16: bool, native_f32: bool) -> Any | None:
     """A DecodePlan over `layers`, or None when one of them does not qualify. Without
     quantized kernels (`backend` None) only dense float weights qualify."""
     if not layers or not all(_qualifies(layer) for layer in layers):
@@ -78,10 +78,10 @@ def _build(layers: list[Any], ops: Any, backend: QuantKernels | None,
     a0, eps = first.self_attn, first.input_layernorm.eps
     dtype = first.input_layernorm.weight.dtype
     if backend is None:
-        plan = ops.DecodePlan(0, "", "", a0.h, a0.kvh, a0.scale, eps)
+        plan = ops.DecodePlan(0, "", "", a0.h, a0.kvh, a0.scale, eps, native_f32)
     else:
         plan = ops.DecodePlan(backend.module.matmul_address(), backend.isa,
-                              backend.activations, a0.h, a0.kvh, a0.scale, eps)
+                              backend.activations, a0.h, a0.kvh, a0.scale, eps, native_f32)
     for layer in layers:
         a = layer.self_attn
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
@@ -117,12 +117,12 @@ def _plan_for(model: torch.nn.Module, layers: list[Any], kernels: Backend) -> An
     backend, ops = kernels.quant, kernels.fused
     if ops is None or not hasattr(ops, "DecodePlan"):
         return None
-    dense_bf16 = kernels.bf16 is not None
+    dense_bf16, native_f32 = kernels.bf16 is not None, kernels.f32 is not None
     key = (id(ops), None if backend is None else (id(backend.module), backend.isa,
-                                                  backend.activations), dense_bf16)
+                                                  backend.activations), dense_bf16, native_f32)
     cached = model.__dict__.get("_decode_plan")
     if cached is None or cached[0] != key:
-        plan = _build(layers, ops, backend, dense_bf16)
+        plan = _build(layers, ops, backend, dense_bf16, native_f32)
         cached = (key, plan, plan is not None and _has_dense_bf16(layers))
         model.__dict__["_decode_plan"] = cached
     return cached[1]

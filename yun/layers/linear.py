@@ -3,7 +3,8 @@
 With bfloat16 weights on an AVX-512 CPU without native bf16 math, torch's matmuls
 run far below the machine's speed; native kernels (yun/kernels) take over: a
 bandwidth-bound one for a few rows (decode) and a blocked one for many rows (prefill,
-batched decode). Everything else goes to F.linear. The runner picks the kernels once,
+batched decode). fp32 weights at a few rows take the fp32 twin of the bandwidth-bound
+kernel (torch's fp32 GEMV streams at ~40% of the bandwidth). Everything else goes to F.linear. The runner picks the kernels once,
 in its `Backend` (yun/layers/backend.py); the layers ask `current()`.
 """
 
@@ -20,10 +21,14 @@ SKINNY_MAX_ROWS = 4  # up to this many rows the weight-streaming kernel is used
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, in] -> [T, out]; same result as F.linear up to float rounding."""
-    kernels = current().bf16  # (few rows, many rows) or None
-    if (kernels is not None and x.dim() == 2 and weight.dtype == torch.bfloat16
-            and weight.device.type == "cpu"):
-        return kernels[0 if x.shape[0] <= SKINNY_MAX_ROWS else 1](x, weight, bias)
+    backend = current()
+    if x.dim() == 2 and weight.device.type == "cpu":
+        if backend.bf16 is not None and weight.dtype == torch.bfloat16:  # (few, many rows)
+            return backend.bf16[0 if x.shape[0] <= SKINNY_MAX_ROWS else 1](x, weight, bias)
+        if (backend.f32 is not None and weight.dtype == torch.float32
+                and x.dtype == torch.float32 and x.shape[0] <= SKINNY_MAX_ROWS
+                and weight.is_contiguous()):
+            return backend.f32(x, weight, bias)  # decode_step.cpp's skinny_f32: the same test
     return F.linear(x, weight, bias)
 
 

@@ -104,7 +104,8 @@ class QuantWeight(nn.Module):
 def _part_matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, cols: int) -> torch.Tensor:
     """x [T, cols] @ one part's weight.T -> [T, rows] in x's dtype."""
     if qtype in FLOAT_TYPES:
-        if data.dtype == torch.bfloat16 and x.dim() == 2:  # the backend's bf16 kernels
+        if x.dim() == 2 and (data.dtype == torch.bfloat16
+                             or data.dtype == x.dtype == torch.float32):  # the backend's
             return linear(x, data)
         return torch.nn.functional.linear(x, data.to(x.dtype))
     return quantized.quant_matmul(x, data, qtype, cols, None)
