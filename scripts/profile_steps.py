@@ -26,11 +26,14 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=None)
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--model", default=None, help="HF folder or GGUF file (default: yun's)")
+    ap.add_argument("--num-threads", type=int, default=None)
     args = ap.parse_args()
 
-    llm = LLM(dtype=args.dtype)
-    workload = make_workload(args.workload, WorkloadOptions(num_requests=args.num_requests,
-                                                            scale=args.scale))
+    llm = LLM(args.model, dtype=args.dtype, num_threads=args.num_threads)
+    workload = make_workload(args.workload, WorkloadOptions(
+        num_requests=args.num_requests, scale=args.scale,
+        vocab_size=llm.engine.model_config.vocab_size))
     seconds: dict[str, float] = collections.defaultdict(float)
     calls: collections.Counter[str] = collections.Counter()
 
@@ -58,7 +61,13 @@ def main() -> None:
         return timed(kind, few if rows <= linear.SKINNY_MAX_ROWS else many)(x, w, b)
 
     runner.backend = dataclasses.replace(runner.backend, bf16=(matmul, matmul))
-    llama.paged_attention = timed("attention", attention.paged_attention)
+    llama.qkv_attention = timed("attention (rotary, cache write, attention)",
+                                attention.qkv_attention)
+    attention.paged_attention = timed("  of which paged_attention", attention.paged_attention)
+    decode_attention = runner.backend.decode
+    if decode_attention is not None:
+        runner.backend = dataclasses.replace(runner.backend, decode=timed(
+            "    of which native decode attention", decode_attention))
     runner.execute = timed("step (model + head + sampling)", runner.execute)
     for _, requests in workload.phases():
         for i, r in enumerate(requests):
