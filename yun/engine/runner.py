@@ -103,10 +103,12 @@ class ModelRunner:
         """The kernels this runner's model runs on (pure torch off CPU or without
         native_kernels)."""
         quant = self._quant_kernels()
+        if quant is not None:
+            from yun import kernels
+
+            quant = QuantKernels.choose(quant, many_rows=kernels.quant_many_rows(self._isa))
         return Backend(bf16=self._bf16_kernels(), f32=self._f32_kernel(),
-                       decode=self._decode_kernel(),
-                       fused=self._fused_ops(),
-                       quant=None if quant is None else QuantKernels.choose(quant))
+                       decode=self._decode_kernel(), fused=self._fused_ops(), quant=quant)
 
     def _bf16_kernels(self):
         if not (self.config.native_kernels and self.device.type == "cpu"

@@ -168,6 +168,36 @@ def bf16_many_rows(native_gemm: MatmulFn, features: frozenset[str] | None = None
     return torch.nn.functional.linear if "amx_bf16" in feats else native_gemm
 
 
+def quant_many_rows(isa: str | None = None,
+                    features: frozenset[str] | None = None) -> MatmulFn | None:
+    """The bf16 GEMM a quantized matmul of many rows runs after dequantizing its weight
+    to bf16, where this CPU multiplies bf16 fast: torch's (oneDNN) on AMX-BF16, the native
+    vdpbf16ps GEMM on AVX512-BF16; None elsewhere (the integer kernels are faster there
+    than a widening fp32 GEMM after a dequantization). It takes x in any float dtype
+    (rounded to bf16) and returns the product in float32 (bias added in float32 natively)."""
+    from yun.kernels.cpu import cpu_features
+
+    feats = cpu_features() if features is None else features
+    if "amx_bf16" in feats:
+        return _amx_many_rows
+    if "avx512_bf16" not in feats or isa not in (None, "avx512"):
+        return None
+    mod = native("avx512")
+    if mod is None or not mod.gemm_bf16_has_dot():
+        return None
+    return functools.partial(_dot_many_rows, mod.gemm_bf16_kernel)
+
+
+def _dot_many_rows(gemm: Callable[..., torch.Tensor], x: torch.Tensor, w: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    return gemm(x.float(), w, bias, "dot")  # float32 out: no rounding of y to bf16
+
+
+def _amx_many_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
+    return y if bias is None else y + bias.float()
+
+
 def elementwise(isa: str | None = None) -> object | None:
     """The module with fused rms_norm / silu_and_mul / rope_neox_ (see elementwise.cpp)."""
     return native(isa)

@@ -507,6 +507,76 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K,
   return y;
 }
 
+// Rows [n0, n1) of W as bfloat16 [N, K] (round to nearest even): the weights a * v + c of
+// each group, as the kernels' `decode` gives them. For the many-row matmuls of CPUs with
+// fast bf16 products (yun/layers/quantized.py): one dequantization per call, reused by
+// every row of x.
+template <int QT>
+void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, int64_t n1,
+                  uint16_t* out) {
+  constexpr int CB = chunk_bytes<QT>();
+  constexpr int NG = Format<QT>::groups, GS = kChunk / NG;
+  const int64_t nblocks = K / Format<QT>::block, per_chunk = kChunk / Format<QT>::block;
+  const int64_t chunks = (nblocks + per_chunk - 1) / per_chunk;
+  const int64_t tail_bytes = nblocks % per_chunk * Format<QT>::bytes;
+  int16_t v[kChunk];
+  float a[NG], c[NG];
+  uint8_t tail[CB];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    uint16_t* dst = out + n * K;
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const uint8_t* p = row + ch * CB;
+      if (tail_bytes && ch == chunks - 1) {
+        std::memset(tail, 0, CB);
+        std::memcpy(tail, p, tail_bytes);
+        p = tail;
+      }
+      scalar::decode<QT>(p, v, a, c);
+      const int64_t k0 = ch * kChunk, groups = std::min<int64_t>(kChunk, K - k0) / GS;
+      for (int64_t g = 0; g < groups; ++g) {  // K is a multiple of the block, so of GS
+        const float ag = a[g], cg = c[g];
+        uint16_t* d = dst + k0 + g * GS;
+        for (int i = 0; i < GS; ++i) {  // no NaN here: finite scales, small integers
+          const float f = ag * static_cast<float>(v[g * GS + i]) + cg;
+          uint32_t u;
+          std::memcpy(&u, &f, 4);
+          d[i] = static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+        }
+      }
+    }
+  }
+}
+
+torch::Tensor dequantize_bf16(torch::Tensor w, int64_t qtype, int64_t K) {
+  const Format_ f = format_of(qtype);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(),
+              "w must be a contiguous 2-D uint8 CPU tensor [N, row_bytes]");
+  TORCH_CHECK(K > 0 && K % f.block == 0, "K=", K, " is not a multiple of the block size ", f.block);
+  TORCH_CHECK(w.size(1) == K / f.block * f.bytes, "K=", K, " needs ", K / f.block * f.bytes,
+              " bytes per row, w has ", w.size(1));
+  const int64_t N = w.size(0);
+  torch::Tensor out = torch::empty({N, K}, w.options().dtype(at::kBFloat16));
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  const int64_t rb = w.size(1);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    switch (qtype) {
+      case Q4_0: dequant_rows<Q4_0>(src, rb, K, n0, n1, dst); break;
+      case Q4_1: dequant_rows<Q4_1>(src, rb, K, n0, n1, dst); break;
+      case Q5_0: dequant_rows<Q5_0>(src, rb, K, n0, n1, dst); break;
+      case Q5_1: dequant_rows<Q5_1>(src, rb, K, n0, n1, dst); break;
+      case Q8_0: dequant_rows<Q8_0>(src, rb, K, n0, n1, dst); break;
+      case Q2_K: dequant_rows<Q2_K>(src, rb, K, n0, n1, dst); break;
+      case Q3_K: dequant_rows<Q3_K>(src, rb, K, n0, n1, dst); break;
+      case Q4_K: dequant_rows<Q4_K>(src, rb, K, n0, n1, dst); break;
+      case Q5_K: dequant_rows<Q5_K>(src, rb, K, n0, n1, dst); break;
+      case Q6_K: dequant_rows<Q6_K>(src, rb, K, n0, n1, dst); break;
+    }
+  });
+  return out;
+}
+
 std::vector<std::string> isas() {
   std::vector<std::string> out;
   for (const Path& p : kPaths)
@@ -543,6 +613,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul_address", [] { return reinterpret_cast<int64_t>(&matmul); },
         "the address of `matmul`, for native callers in this process");
   m.def("isas", &isas, "the code paths this CPU runs, best first");
+  m.def("dequantize_bf16", &dequantize_bf16, "W [N, row_bytes] quantized -> bfloat16 [N, K]",
+        py::arg("w"), py::arg("qtype"), py::arg("k"));
   m.def("quantize_activation", &quantize_activation_for_test,
         "x [M, K] -> (q int8 or int16 [M, Kp], d float32 [M, Kp / 32]) as the kernels quantize it",
         py::arg("x"), py::arg("k"), py::arg("isa"), py::arg("activations") = "int8");

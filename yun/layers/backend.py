@@ -27,6 +27,12 @@ SkinnyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Ten
 DecodeFn = Callable[..., torch.Tensor]
 
 ACTIVATIONS = ("int16", "int8")  # the native quantized matmuls' activation modes, default first
+# From this many rows of x (prefill), a quantized matmul may dequantize its weight to bf16
+# once and run a bf16 GEMM (`QuantKernels.many_rows`): where the CPU multiplies bf16 fast
+# (AVX512-BF16, AMX) that beats the integer kernels once the dequantization is shared by
+# enough rows (AMD Zen 4, 2 threads: the int16 kernels 130-150 GFLOP/s, the vdpbf16ps
+# GEMM 330-380).
+DEQUANT_MIN_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -36,10 +42,14 @@ class QuantKernels:
     module: Any  # the compiled extension
     isa: str  # the code path its kernels take, e.g. "avx512-vnni"
     activations: str  # what x is quantized to: "int16" or "int8" blocks of 32
+    # x [M >= DEQUANT_MIN_ROWS, K] bf16 @ w [N, K] bf16 (the weight dequantized): the
+    # many-row path, or None (every row count on the integer kernels)
+    many_rows: SkinnyFn | None = None
 
     @classmethod
     def choose(cls, module: Any, isa: str | None = None,
-               activations: str = ACTIVATIONS[0]) -> "QuantKernels":
+               activations: str = ACTIVATIONS[0],
+               many_rows: SkinnyFn | None = None) -> "QuantKernels":
         """`isa` forces one code path ("avx512-vnni", "avx512", "avx2-vnni", "avx2",
         "scalar"); by default the best one this CPU runs. A path the CPU cannot run
         raises ValueError. `activations`: "int16" blocks of 32 (the default: ~1e-5
@@ -52,11 +62,12 @@ class QuantKernels:
         if chosen not in runnable:
             raise ValueError(f"quantized matmul path {chosen!r} cannot run on this CPU "
                              f"(this one runs: {', '.join(runnable)})")
-        return cls(module, chosen, activations)
+        return cls(module, chosen, activations, many_rows)
 
     @property
     def name(self) -> str:
-        return f"{self.isa}/{self.activations}"
+        many = f", >= {DEQUANT_MIN_ROWS} rows: bf16" if self.many_rows is not None else ""
+        return f"{self.isa}/{self.activations}{many}"
 
 
 @dataclass(frozen=True)
