@@ -372,3 +372,64 @@ def test_quant_accessor_logs_and_returns_none_when_the_build_fails(monkeypatch, 
         assert "native quantized kernels unavailable (no c++ compiler)" in caplog.text
     finally:
         kernels.quant.cache_clear()
+
+
+# --- many rows: the weight dequantized to bf16, then a bf16 GEMM --------------------------
+
+@needs_native
+@pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
+def test_native_dequantize_bf16_is_the_reference_rounded_once(qtype):
+    """The many-row path's weight: the float32 dequantization (gguf-py's, bit-exact with
+    yun's torch one) rounded once to bf16; partial last chunks included."""
+    for i, (_, n, k) in enumerate(shapes(qtype)):
+        data = random_weight(qtype, n, k, seed=10 + i)
+        got = native.dequantize_bf16(torch.from_numpy(data), qtype, k)
+        assert got.dtype == torch.bfloat16 and got.shape == (n, k)
+        want = torch.from_numpy(gguf_dequantize(data, qtype)).bfloat16()
+        # K-quants' scales multiply in another order than gguf-py's: an fp32 ulp apart,
+        # which may move a bf16 rounding by one ulp (2^-8 relative) in rare values.
+        close = (got.float() - want.float()).abs() <= want.float().abs() * 2 ** -8
+        assert close.all(), (qtype.name, n, k)
+        assert (got == want).float().mean() >= 0.999, (qtype.name, n, k)
+
+
+@needs_native
+def test_many_rows_take_the_bf16_gemm_from_the_threshold():
+    from yun.layers.backend import DEQUANT_MIN_ROWS
+
+    calls = []
+    gemm = kernels.quant_many_rows()
+
+    def spy(x, w, b):
+        calls.append((x.shape[0], w.dtype))
+        if gemm is not None:
+            return gemm(x, w, b)
+        return torch.nn.functional.linear(x.bfloat16().float(), w.float(), b)
+
+    qtype, n, k = QT.Q4_K, 40, 512
+    data = torch.from_numpy(random_weight(qtype, n, k, seed=3))
+    bias = torch.randn(n)
+    w64 = torch.from_numpy(gguf_dequantize(data.numpy(), qtype)).double()
+    with use_backend(Backend(quant=QuantKernels.choose(native, many_rows=spy))):
+        for rows in (DEQUANT_MIN_ROWS - 1, DEQUANT_MIN_ROWS, 300):
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+            y = qmod.quant_matmul(x, data, qtype, k, bias)
+            assert y.dtype == torch.float32 and y.shape == (rows, n)
+            want = x.double() @ w64.T + bias.double()
+            scale = (x.double().abs() @ w64.abs().T).max()
+            # bf16 rounding of x and of w: ~2^-9 relative each, summed over K products
+            assert (y.double() - want).abs().max() <= 2 ** -7 * scale
+    assert calls == [(DEQUANT_MIN_ROWS, torch.bfloat16), (300, torch.bfloat16)]
+
+
+def test_many_row_path_is_chosen_by_the_cpus_bf16_hardware():
+    base = frozenset({"avx512f", "avx512bw", "avx512vl", "fma", "avx2", "f16c"})
+    assert kernels.quant_many_rows(features=base) is None  # no fast bf16: integer kernels
+    assert kernels.quant_many_rows(features=base | {"amx_bf16", "avx512_bf16"}) \
+        is kernels._amx_many_rows
+    assert kernels.quant_many_rows("avx2", features=base | {"avx512_bf16"}) is None
+    mod = kernels.native("avx512")
+    if mod is not None and mod.gemm_bf16_has_dot():
+        fn = kernels.quant_many_rows(features=base | {"avx512_bf16"})
+        x, w = torch.randn(9, 64), torch.randn(5, 64).bfloat16()
+        assert torch.equal(fn(x, w, None), mod.gemm_bf16_kernel(x, w, None, "dot"))
