@@ -27,18 +27,19 @@ inline __m512 load16(const uint16_t* p) { return widen16(p); }
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline float scalar(uint16_t v) { return bf16_to_float(v); }
 inline float scalar(float v) { return v; }
-// Prefetches go to L2, 16 bytes per weight column ahead: the block after next for bf16,
-// the next one for fp32 (AMD Zen 4, 2 threads, cold weights, SmolLM2-135M's decode
-// shapes, standalone copy of this loop: bf16 29.8-31.4 GB/s against 21-23 with the
-// next block into L1; fp32 30-31.7 either way, 22-23 into L1).
-template <typename W> struct Hint { static constexpr auto value = _MM_HINT_T1; };
-template <typename W> struct Ahead { static constexpr int blocks = 4 / int(sizeof(W)); };
+// Prefetches go to L2, the same bytes ahead for both weight types: the block after next
+// for bf16, the next one for fp32 (AMD Zen 4, 2 threads, cold weights, SmolLM2-135M's
+// decode shapes, standalone copy of this loop: bf16 29.8-31.4 GB/s against 21-23 with
+// the next block into L1; fp32 30-31.7 either way, 22-23 into L1).
+constexpr auto kPrefetchHint = _MM_HINT_T1;
+template <typename W> constexpr int kBlocksAhead = 4 / int(sizeof(W));
 
 // Rows [n0, n1) of the output for M rows of x (fp32, row stride K).
 // Weight rows n..n+R-1 are one contiguous block of R*K bf16; while a block is consumed,
-// the next block is prefetched line by line, evenly over the block's iterations. With
-// short rows (K = 896: 28 cache lines) the hardware prefetchers alone leave bandwidth
-// unused (measured: ~16 vs ~18-21 GB/s on the demo model's decode step, 2 threads).
+// a later one (kBlocksAhead) is prefetched line by line, evenly over the block's
+// iterations. With short rows (K = 896: 28 cache lines) the hardware prefetchers alone
+// leave bandwidth unused (measured: ~16 vs ~18-21 GB/s on the demo model's decode step,
+// 2 threads).
 template <typename W, int M>
 void kernel(const float* x, const W* w, const float* bias, float* y, int64_t K,
             int64_t N, int64_t n0, int64_t n1) {
@@ -53,11 +54,11 @@ void kernel(const float* x, const W* w, const float* bias, float* y, int64_t K,
     const W* wr[R];
     for (int r = 0; r < R; ++r) wr[r] = w + (n + r) * K;
     // Prefetching past the end of w is harmless (a prefetch never faults).
-    const char* next = reinterpret_cast<const char*>(w + (n + R * Ahead<W>::blocks) * K);
+    const char* next = reinterpret_cast<const char*>(w + (n + R * kBlocksAhead<W>) * K);
     int64_t done = 0;
     for (int64_t k = 0; k < K16; k += 16) {
       for (const int64_t want = (k / 16 + 1) * lines / iters; done < want; ++done)
-        _mm_prefetch(next + done * 64, Hint<W>::value);
+        _mm_prefetch(next + done * 64, kPrefetchHint);
       __m512 wv[R];
       for (int r = 0; r < R; ++r) wv[r] = load16(wr[r] + k);
       for (int m = 0; m < M; ++m) {

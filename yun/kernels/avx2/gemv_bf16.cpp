@@ -24,16 +24,17 @@ inline __m256 load8(const uint16_t* p) { return widen8(p); }
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline float scalar(uint16_t v) { return bf16_to_float(v); }
 inline float scalar(float v) { return v; }
-// Prefetches go to L2, 16 bytes per weight column ahead: the block after next for bf16,
-// the next one for fp32 (AMD Zen 4, 2 threads, cold weights, SmolLM2-135M's decode
-// shapes, standalone copy of this loop: bf16 29.8-31.4 GB/s against 21-23 with the
-// next block into L1; fp32 30-31.7 either way, 22-23 into L1).
-template <typename W> struct Hint { static constexpr auto value = _MM_HINT_T1; };
-template <typename W> struct Ahead { static constexpr int blocks = 4 / int(sizeof(W)); };
+// Prefetches go to L2, the same bytes ahead for both weight types: the block after next
+// for bf16, the next one for fp32 (AMD Zen 4, 2 threads, cold weights, SmolLM2-135M's
+// decode shapes, standalone copy of this loop: bf16 29.8-31.4 GB/s against 21-23 with
+// the next block into L1; fp32 30-31.7 either way, 22-23 into L1).
+constexpr auto kPrefetchHint = _MM_HINT_T1;
+template <typename W> constexpr int kBlocksAhead = 4 / int(sizeof(W));
 
 // Rows [n0, n1) of the output for M rows of x (fp32, row stride K), R weight rows per pass:
 // M x R accumulators + R widened weights fit the 16 ymm registers (R = 4 for M <= 2, 3
-// beyond). The next block of weight rows is prefetched evenly over this block's loop.
+// beyond). A later block of weight rows (kBlocksAhead) is prefetched evenly over this
+// block's loop.
 template <typename W, int M, int R>
 void kernel(const float* x, const W* w, const float* bias, float* y, int64_t K,
             int64_t N, int64_t n0, int64_t n1) {
@@ -46,11 +47,11 @@ void kernel(const float* x, const W* w, const float* bias, float* y, int64_t K,
       for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
     const W* wr[R];
     for (int r = 0; r < R; ++r) wr[r] = w + (n + r) * K;
-    const char* next = reinterpret_cast<const char*>(w + (n + R * Ahead<W>::blocks) * K);  // never faults
+    const char* next = reinterpret_cast<const char*>(w + (n + R * kBlocksAhead<W>) * K);  // never faults
     int64_t done = 0;
     for (int64_t k = 0; k < K8; k += 8) {
       for (const int64_t want = (k / 8 + 1) * lines / iters; done < want; ++done)
-        _mm_prefetch(next + done * 64, Hint<W>::value);
+        _mm_prefetch(next + done * 64, kPrefetchHint);
       __m256 wv[R];
       for (int r = 0; r < R; ++r) wv[r] = load8(wr[r] + k);
       for (int m = 0; m < M; ++m) {
