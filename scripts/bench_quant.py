@@ -4,7 +4,7 @@ streamed) and prefill (M=16/64/512: GFLOP/s) shapes.
 
     .venv/bin/python scripts/bench_quant.py [--isa avx512-vnni avx2] [--threads 2]
         [--types Q4_K Q8_0 Q4_1] [--activations int16 int8] [--m 16 64 512]
-        [--no-decode] [--no-prefill]
+        [--shape 896 4864] [--no-decode] [--no-prefill]
 
 Each column is one code path with one activation mode ("avx512-vnni/int16"); the modes
 of a path are timed next to each other (the machine's noise hits both alike).
@@ -77,12 +77,17 @@ def decode_rows(mod, isas: list[str], types: list[QT]) -> None:
                   + f" {w.numel() * 4 / t / 1e9:12.1f} {t / best:9.1f}x")
 
 
-def prefill_rows(mod, isas: list[str], ms: list[int], types: list[QT]) -> None:
+def prefill_rows(mod, isas: list[str], ms: list[int], types: list[QT],
+                 shape: tuple[int, int]) -> None:
     print("\nprefill: GFLOP/s (2*M*N*K / time); 'deq+mm' = dequantize (torch) then fp32 "
-          "F.linear, 'fp32' = F.linear on an already dequantized weight")
-    n, k = 896, 4864
+          "F.linear, 'fp32' = F.linear on an already dequantized weight, 'bf16 many' = the "
+          "native dequantize_bf16 then the many-row bf16 GEMM this CPU has (quant_many_rows: "
+          "oneDNN on AMX-BF16, vdpbf16ps on AVX512-BF16; '-' where it has none)")
+    n, k = shape
+    many = kernels.quant_many_rows()
+    print(f"N x K = {n} x {k}")
     print(f"{'type':6} {'M':>4} " + " ".join(f"{i:>17}" for i in isas)
-          + f" {'deq+mm':>8} {'fp32':>8}")
+          + f" {'deq+mm':>8} {'fp32':>8} {'bf16 many':>10}")
     for qtype in types:
         data = weight(qtype, n, k)
         w = dequantize(data, qtype, k)
@@ -95,8 +100,12 @@ def prefill_rows(mod, isas: list[str], ms: list[int], types: list[QT]) -> None:
                 cells.append(f"{flop / t / 1e9:17.1f}")
             t_deq = seconds(lambda: F.linear(x, dequantize(data, qtype, k)))
             t_mm = seconds(lambda: F.linear(x, w))
+            cell = "-"
+            if many is not None:
+                t_many = seconds(lambda: many(x, mod.dequantize_bf16(data, int(qtype), k), None))
+                cell = f"{flop / t_many / 1e9:.1f}"
             print(f"{qtype.name:6} {m:4} " + " ".join(cells)
-                  + f" {flop / t_deq / 1e9:8.1f} {flop / t_mm / 1e9:8.1f}")
+                  + f" {flop / t_deq / 1e9:8.1f} {flop / t_mm / 1e9:8.1f} {cell:>10}")
 
 
 def main() -> None:
@@ -110,6 +119,9 @@ def main() -> None:
                     "Q4_K Q5_K Q6_K)")
     ap.add_argument("--activations", nargs="*", default=["int16", "int8"],
                     help="activation modes to time, each a column per path")
+    ap.add_argument("--shape", type=int, nargs=2, default=[896, 4864], metavar=("N", "K"),
+                    help="the prefill table's weight shape (SmolLM2-135M's MLP: 1536 576 "
+                    "and 576 1536); a K-quant needs K to be a multiple of 256")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--no-prefill", action="store_true")
     args = ap.parse_args()
@@ -123,7 +135,7 @@ def main() -> None:
     if not args.no_decode:
         decode_rows(mod, isas, [QT[t] for t in args.types])
     if not args.no_prefill:
-        prefill_rows(mod, isas, args.m, [QT[t] for t in args.types])
+        prefill_rows(mod, isas, args.m, [QT[t] for t in args.types], tuple(args.shape))
 
 
 if __name__ == "__main__":

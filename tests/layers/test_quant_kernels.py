@@ -393,10 +393,37 @@ def test_native_dequantize_bf16_is_the_reference_rounded_once(qtype):
         assert (got == want).float().mean() >= 0.999, (qtype.name, n, k)
 
 
-@needs_native
-def test_many_rows_take_the_bf16_gemm_from_the_threshold():
-    from yun.layers.backend import DEQUANT_MIN_ROWS
+# Byte offsets of the fp16 fields of blocks of 32 (d, and m for the _1 types).
+_F16_FIELDS_32 = {QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT.Q8_0: (0,)}
 
+
+@needs_native
+@pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
+def test_dequantize_bf16_gives_the_same_bits_on_every_path(qtype):
+    """The AVX-512 paths' vector dequantization against the scalar loop, bit for bit: raw
+    random blocks (every quant bit pattern, Q8_0's -128 included), scales of both signs
+    and some zero (the sign of a zero product), partial last chunks."""
+    rng = np.random.default_rng(int(qtype))
+    bs, ts = block_info(qtype)
+    fields = _F16_FIELDS_32.get(qtype) or _F16_FIELDS[qtype]
+    for n, k in [(5, 224), (17, 896), (3, 64), (40, 576)] if bs == 32 else [(5, 256), (19, 768)]:
+        blocks = rng.integers(0, 256, size=(n, k // bs, ts), dtype=np.uint8)
+        for off in fields:
+            scale = rng.uniform(-1e-2, 1e-2, size=(n, k // bs)).astype(np.float16)
+            scale[rng.random(scale.shape) < 0.05] = 0
+            blocks[:, :, off:off + 2] = scale.view(np.uint8).reshape(n, k // bs, 2)
+        data = torch.from_numpy(blocks.reshape(n, -1))
+        want = native.dequantize_bf16(data, qtype, k, "scalar")
+        for path in PATHS:
+            got = native.dequantize_bf16(data, qtype, k, path)
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (path, n, k)
+    with pytest.raises(RuntimeError, match="unknown quantized matmul path"):
+        native.dequantize_bf16(data, qtype, k, "avx1024")
+
+
+@needs_native
+@pytest.mark.parametrize("start", [kernels.AMX_MANY_ROWS_FROM, kernels.DOT_MANY_ROWS_FROM])
+def test_many_rows_take_the_bf16_gemm_from_the_threshold(start):
     calls = []
     gemm = kernels.quant_many_rows()
 
@@ -410,8 +437,9 @@ def test_many_rows_take_the_bf16_gemm_from_the_threshold():
     data = torch.from_numpy(random_weight(qtype, n, k, seed=3))
     bias = torch.randn(n)
     w64 = torch.from_numpy(gguf_dequantize(data.numpy(), qtype)).double()
-    with use_backend(Backend(quant=QuantKernels.choose(native, many_rows=spy))):
-        for rows in (DEQUANT_MIN_ROWS - 1, DEQUANT_MIN_ROWS, 300):
+    with use_backend(Backend(quant=QuantKernels.choose(native, many_rows=spy,
+                                                       many_rows_from=start))):
+        for rows in (start - 1, start, 300):
             x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
             y = qmod.quant_matmul(x, data, qtype, k, bias)
             assert y.dtype == torch.float32 and y.shape == (rows, n)
@@ -419,7 +447,9 @@ def test_many_rows_take_the_bf16_gemm_from_the_threshold():
             scale = (x.double().abs() @ w64.abs().T).max()
             # bf16 rounding of x and of w: ~2^-9 relative each, summed over K products
             assert (y.double() - want).abs().max() <= 2 ** -7 * scale
-    assert calls == [(DEQUANT_MIN_ROWS, torch.bfloat16), (300, torch.bfloat16)]
+    assert calls == [(start, torch.bfloat16), (300, torch.bfloat16)]
+    with pytest.raises(ValueError, match="many_rows_from"):
+        QuantKernels.choose(native, many_rows=spy)  # a many-row path needs its threshold
 
 
 def test_many_row_path_is_chosen_by_the_cpus_bf16_hardware():
@@ -433,3 +463,7 @@ def test_many_row_path_is_chosen_by_the_cpus_bf16_hardware():
         fn = kernels.quant_many_rows(features=base | {"avx512_bf16"})
         x, w = torch.randn(9, 64), torch.randn(5, 64).bfloat16()
         assert torch.equal(fn(x, w, None), mod.gemm_bf16_kernel(x, w, None, "dot"))
+    # AMX's GEMM pays for the dequantization from fewer rows than vdpbf16ps's
+    assert kernels.quant_many_rows_from(base | {"amx_bf16", "avx512_bf16"}) \
+        == kernels.AMX_MANY_ROWS_FROM < kernels.quant_many_rows_from(base | {"avx512_bf16"}) \
+        == kernels.DOT_MANY_ROWS_FROM

@@ -106,7 +106,8 @@ class ModelRunner:
         if quant is not None:
             from yun import kernels
 
-            quant = QuantKernels.choose(quant, many_rows=kernels.quant_many_rows(self._isa))
+            quant = QuantKernels.choose(quant, many_rows=kernels.quant_many_rows(self._isa),
+                                        many_rows_from=kernels.quant_many_rows_from())
         return Backend(bf16=self._bf16_kernels(), f32=self._f32_kernel(),
                        decode=self._decode_kernel(), fused=self._fused_ops(), quant=quant)
 

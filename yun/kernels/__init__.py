@@ -188,6 +188,24 @@ def quant_many_rows(isa: str | None = None,
     return functools.partial(_dot_many_rows, mod.gemm_bf16_kernel)
 
 
+# From how many rows of x a quantized matmul takes quant_many_rows' bf16 GEMM: where it
+# beats the integer kernels once the dequantization is shared by that many rows.
+# vdpbf16ps (AMD Zen 4, 2 threads): the int16 kernels 130-150 GFLOP/s, the GEMM 330-380.
+# AMX (Intel Xeon, 2 threads, SmolLM2-135M's MLP shapes, scripts/bench_quant.py): the int16
+# VNNI kernels 150-185 GFLOP/s at every M; dequantization + oneDNN 167-197 at M = 16,
+# 300-340 at 32, 470-560 at 64.
+DOT_MANY_ROWS_FROM = 128
+AMX_MANY_ROWS_FROM = 32
+
+
+def quant_many_rows_from(features: frozenset[str] | None = None) -> int:
+    """The row count from which quant_many_rows' GEMM runs on this CPU (see above)."""
+    from yun.kernels.cpu import cpu_features
+
+    feats = cpu_features() if features is None else features
+    return AMX_MANY_ROWS_FROM if "amx_bf16" in feats else DOT_MANY_ROWS_FROM
+
+
 def _dot_many_rows(gemm: Callable[..., torch.Tensor], x: torch.Tensor, w: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     return gemm(x.float(), w, bias, "dot")  # float32 out: no rounding of y to bf16

@@ -315,6 +315,63 @@ bool quantize_row16(const float* x, int64_t K, int64_t kp, int16_t* q, float* d3
   return probe == 0.f;
 }
 
+// Rows [n0, n1) of W as bfloat16 [N, K] (round to nearest even): the weights a * v + c of
+// each group, as the kernels' `decode` gives them. For the many-row matmuls of CPUs with
+// fast bf16 products (yun/layers/quantized.py): one dequantization per call, reused by
+// every row of x.
+template <int QT>
+void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, int64_t n1,
+                  uint16_t* out) {
+  constexpr int CB = chunk_bytes<QT>();
+  constexpr int NG = Format<QT>::groups, GS = kChunk / NG;
+  const int64_t nblocks = K / Format<QT>::block, per_chunk = kChunk / Format<QT>::block;
+  const int64_t chunks = (nblocks + per_chunk - 1) / per_chunk;
+  const int64_t tail_bytes = nblocks % per_chunk * Format<QT>::bytes;
+  int16_t v[kChunk];
+  float a[NG], c[NG];
+  uint8_t tail[CB];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    uint16_t* dst = out + n * K;
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const uint8_t* p = row + ch * CB;
+      if (tail_bytes && ch == chunks - 1) {
+        std::memset(tail, 0, CB);
+        std::memcpy(tail, p, tail_bytes);
+        p = tail;
+      }
+      scalar::decode<QT>(p, v, a, c);
+      const int64_t k0 = ch * kChunk, groups = std::min<int64_t>(kChunk, K - k0) / GS;
+      for (int64_t g = 0; g < groups; ++g) {  // K is a multiple of the block, so of GS
+        const float ag = a[g], cg = c[g];
+        uint16_t* d = dst + k0 + g * GS;
+        for (int i = 0; i < GS; ++i) {  // no NaN here: finite scales, small integers
+          const float f = ag * static_cast<float>(v[g * GS + i]) + cg;
+          uint32_t u;
+          std::memcpy(&u, &f, 4);
+          d[i] = static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+        }
+      }
+    }
+  }
+}
+
+void dequant(const uint8_t* w, int64_t rb, int64_t K, int qtype, int64_t n0, int64_t n1,
+             uint16_t* out) {
+  switch (qtype) {
+    case Q4_0: dequant_rows<Q4_0>(w, rb, K, n0, n1, out); break;
+    case Q4_1: dequant_rows<Q4_1>(w, rb, K, n0, n1, out); break;
+    case Q5_0: dequant_rows<Q5_0>(w, rb, K, n0, n1, out); break;
+    case Q5_1: dequant_rows<Q5_1>(w, rb, K, n0, n1, out); break;
+    case Q8_0: dequant_rows<Q8_0>(w, rb, K, n0, n1, out); break;
+    case Q2_K: dequant_rows<Q2_K>(w, rb, K, n0, n1, out); break;
+    case Q3_K: dequant_rows<Q3_K>(w, rb, K, n0, n1, out); break;
+    case Q4_K: dequant_rows<Q4_K>(w, rb, K, n0, n1, out); break;
+    case Q5_K: dequant_rows<Q5_K>(w, rb, K, n0, n1, out); break;
+    case Q6_K: dequant_rows<Q6_K>(w, rb, K, n0, n1, out); break;
+  }
+}
+
 }  // namespace scalar
 
 namespace {
@@ -322,6 +379,8 @@ namespace {
 using RunFn = void (*)(const Job&, int, int64_t, int64_t);
 using QuantizeFn = bool (*)(const float*, int64_t, int64_t, int8_t*, float*, float*, float*, float*);
 using Quantize16Fn = bool (*)(const float*, int64_t, int64_t, int16_t*, float*, float*, float*, float*);
+// (w, row_bytes, K, qtype, n0, n1, out): rows [n0, n1) of W as bfloat16 (dequantize_bf16)
+using DequantFn = void (*)(const uint8_t*, int64_t, int64_t, int, int64_t, int64_t, uint16_t*);
 
 struct Path {
   const char* name;
@@ -329,6 +388,7 @@ struct Path {
   QuantizeFn quantize;  // one row of x (every path gives the same bits; AVX-512 machines
                         // use AVX2's: Zen 4's down-converting stores are slow)
   Quantize16Fn quantize16;  // the same, for the int16 mode
+  DequantFn dequant;
   bool (*runnable)();
 };
 
@@ -348,12 +408,14 @@ bool always() { return true; }
 // Best first.
 const Path kPaths[] = {
 #if defined(__x86_64__)
-    {"avx512-vnni", avx512vnni::run, avx2::quantize_row, avx2::quantize_row16, has_avx512_vnni},
-    {"avx512", avx512::run, avx2::quantize_row, avx2::quantize_row16, has_avx512},
-    {"avx2-vnni", avx2vnni::run, avx2vnni::quantize_row, avx2vnni::quantize_row16, has_avx2_vnni},
-    {"avx2", avx2::run, avx2::quantize_row, avx2::quantize_row16, has_avx2},
+    {"avx512-vnni", avx512vnni::run, avx2::quantize_row, avx2::quantize_row16, avx512vnni::dequant,
+     has_avx512_vnni},
+    {"avx512", avx512::run, avx2::quantize_row, avx2::quantize_row16, avx512::dequant, has_avx512},
+    {"avx2-vnni", avx2vnni::run, avx2vnni::quantize_row, avx2vnni::quantize_row16, scalar::dequant,
+     has_avx2_vnni},
+    {"avx2", avx2::run, avx2::quantize_row, avx2::quantize_row16, scalar::dequant, has_avx2},
 #endif
-    {"scalar", scalar::run, scalar::quantize_row, scalar::quantize_row16, always},
+    {"scalar", scalar::run, scalar::quantize_row, scalar::quantize_row16, scalar::dequant, always},
 };
 
 const Path& find_path(const std::string& isa) {
@@ -507,48 +569,11 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K,
   return y;
 }
 
-// Rows [n0, n1) of W as bfloat16 [N, K] (round to nearest even): the weights a * v + c of
-// each group, as the kernels' `decode` gives them. For the many-row matmuls of CPUs with
-// fast bf16 products (yun/layers/quantized.py): one dequantization per call, reused by
-// every row of x.
-template <int QT>
-void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, int64_t n1,
-                  uint16_t* out) {
-  constexpr int CB = chunk_bytes<QT>();
-  constexpr int NG = Format<QT>::groups, GS = kChunk / NG;
-  const int64_t nblocks = K / Format<QT>::block, per_chunk = kChunk / Format<QT>::block;
-  const int64_t chunks = (nblocks + per_chunk - 1) / per_chunk;
-  const int64_t tail_bytes = nblocks % per_chunk * Format<QT>::bytes;
-  int16_t v[kChunk];
-  float a[NG], c[NG];
-  uint8_t tail[CB];
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w + n * row_bytes;
-    uint16_t* dst = out + n * K;
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      const uint8_t* p = row + ch * CB;
-      if (tail_bytes && ch == chunks - 1) {
-        std::memset(tail, 0, CB);
-        std::memcpy(tail, p, tail_bytes);
-        p = tail;
-      }
-      scalar::decode<QT>(p, v, a, c);
-      const int64_t k0 = ch * kChunk, groups = std::min<int64_t>(kChunk, K - k0) / GS;
-      for (int64_t g = 0; g < groups; ++g) {  // K is a multiple of the block, so of GS
-        const float ag = a[g], cg = c[g];
-        uint16_t* d = dst + k0 + g * GS;
-        for (int i = 0; i < GS; ++i) {  // no NaN here: finite scales, small integers
-          const float f = ag * static_cast<float>(v[g * GS + i]) + cg;
-          uint32_t u;
-          std::memcpy(&u, &f, 4);
-          d[i] = static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-        }
-      }
-    }
-  }
-}
-
-torch::Tensor dequantize_bf16(torch::Tensor w, int64_t qtype, int64_t K) {
+// `isa` picks the code path as in `matmul` ("" = the best this CPU runs). The AVX-512 paths
+// decode 16 values a step; the AVX2 ones run the scalar loop (the many-row bf16 matmuls
+// that call this exist only on AVX-512 CPUs, those with AVX512-BF16 or AMX). Every path
+// gives the same bits.
+torch::Tensor dequantize_bf16(torch::Tensor w, int64_t qtype, int64_t K, const std::string& isa) {
   const Format_ f = format_of(qtype);
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(),
               "w must be a contiguous 2-D uint8 CPU tensor [N, row_bytes]");
@@ -560,19 +585,9 @@ torch::Tensor dequantize_bf16(torch::Tensor w, int64_t qtype, int64_t K) {
   auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const uint8_t* src = w.data_ptr<uint8_t>();
   const int64_t rb = w.size(1);
+  const DequantFn fn = (isa.empty() ? kPaths[0] : find_path(isa)).dequant;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    switch (qtype) {
-      case Q4_0: dequant_rows<Q4_0>(src, rb, K, n0, n1, dst); break;
-      case Q4_1: dequant_rows<Q4_1>(src, rb, K, n0, n1, dst); break;
-      case Q5_0: dequant_rows<Q5_0>(src, rb, K, n0, n1, dst); break;
-      case Q5_1: dequant_rows<Q5_1>(src, rb, K, n0, n1, dst); break;
-      case Q8_0: dequant_rows<Q8_0>(src, rb, K, n0, n1, dst); break;
-      case Q2_K: dequant_rows<Q2_K>(src, rb, K, n0, n1, dst); break;
-      case Q3_K: dequant_rows<Q3_K>(src, rb, K, n0, n1, dst); break;
-      case Q4_K: dequant_rows<Q4_K>(src, rb, K, n0, n1, dst); break;
-      case Q5_K: dequant_rows<Q5_K>(src, rb, K, n0, n1, dst); break;
-      case Q6_K: dequant_rows<Q6_K>(src, rb, K, n0, n1, dst); break;
-    }
+    fn(src, rb, K, static_cast<int>(qtype), n0, n1, dst);
   });
   return out;
 }
@@ -614,7 +629,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the address of `matmul`, for native callers in this process");
   m.def("isas", &isas, "the code paths this CPU runs, best first");
   m.def("dequantize_bf16", &dequantize_bf16, "W [N, row_bytes] quantized -> bfloat16 [N, K]",
-        py::arg("w"), py::arg("qtype"), py::arg("k"));
+        py::arg("w"), py::arg("qtype"), py::arg("k"), py::arg("isa") = "");
   m.def("quantize_activation", &quantize_activation_for_test,
         "x [M, K] -> (q int8 or int16 [M, Kp], d float32 [M, Kp / 32]) as the kernels quantize it",
         py::arg("x"), py::arg("k"), py::arg("isa"), py::arg("activations") = "int8");

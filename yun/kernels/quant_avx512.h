@@ -432,4 +432,63 @@ void run(const Job& j, int qtype, int64_t n0, int64_t n1) {
   else run_mode<false>(j, qtype, n0, n1);
 }
 
+// Rows [n0, n1) of W as bfloat16 (quant.cpp's dequantize_bf16): a * v + c per group, v the
+// scalar decode's integers (Q8_0 signed, c = 0, also where this path's chunk holds the
+// VNNI offset form), two roundings as there (no fma), then round to nearest even. The same
+// bits as the scalar loop; 16 values per step instead of one.
+template <int QT>
+void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, int64_t n1,
+                  uint16_t* out) {
+  constexpr int GS = kChunk / Format<QT>::groups;
+  const int64_t nblocks = K / Format<QT>::block, per_chunk = kChunk / Format<QT>::block;
+  const int64_t chunks = (nblocks + per_chunk - 1) / per_chunk;
+  const __m512i half_ulp = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+  alignas(64) uint8_t u[64];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    uint16_t* dst = out + n * K;
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const int nb = static_cast<int>(std::min<int64_t>(per_chunk, nblocks - ch * per_chunk));
+      Chunk c;
+      decode<QT>(row + ch * chunk_bytes<QT>(), c, nb);
+      constexpr bool kOffset = QT == Q8_0 && YQ_VNNI;  // u = w + 128: back to signed w
+      const __m512 cs = kOffset ? _mm512_setzero_ps() : c.c;
+      const int64_t values = std::min<int64_t>(kChunk, K - ch * kChunk);  // a multiple of 32
+      for (int v = 0; v < 4 && 64 * v < values; ++v) {
+        _mm512_store_si512(reinterpret_cast<__m512i*>(u), c.u[v]);
+        for (int q = 0; q < 4 && 64 * v + 16 * q < values; ++q) {
+          const int at = 64 * v + 16 * q;
+          const __m128i b = _mm_load_si128(reinterpret_cast<const __m128i*>(u + 16 * q));
+          const __m512i iv = QT == Q8_0
+              ? _mm512_cvtepi8_epi32(kOffset ? _mm_xor_si128(b, _mm_set1_epi8(static_cast<char>(0x80))) : b)
+              : _mm512_cvtepu8_epi32(b);
+          const __m512i g = _mm512_set1_epi32(at / GS);
+          const __m512 f = _mm512_add_ps(_mm512_mul_ps(_mm512_permutexvar_ps(g, c.a), _mm512_cvtepi32_ps(iv)),
+                                         _mm512_permutexvar_ps(g, cs));
+          const __m512i bits = _mm512_castps_si512(f);  // no NaN: finite scales, small integers
+          const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+          const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, half_ulp), odd), 16);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + ch * kChunk + at), _mm512_cvtepi32_epi16(r));
+        }
+      }
+    }
+  }
+}
+
+void dequant(const uint8_t* w, int64_t row_bytes, int64_t K, int qtype, int64_t n0, int64_t n1,
+             uint16_t* out) {
+  switch (qtype) {
+    case Q4_0: dequant_rows<Q4_0>(w, row_bytes, K, n0, n1, out); break;
+    case Q4_1: dequant_rows<Q4_1>(w, row_bytes, K, n0, n1, out); break;
+    case Q5_0: dequant_rows<Q5_0>(w, row_bytes, K, n0, n1, out); break;
+    case Q5_1: dequant_rows<Q5_1>(w, row_bytes, K, n0, n1, out); break;
+    case Q8_0: dequant_rows<Q8_0>(w, row_bytes, K, n0, n1, out); break;
+    case Q2_K: dequant_rows<Q2_K>(w, row_bytes, K, n0, n1, out); break;
+    case Q3_K: dequant_rows<Q3_K>(w, row_bytes, K, n0, n1, out); break;
+    case Q4_K: dequant_rows<Q4_K>(w, row_bytes, K, n0, n1, out); break;
+    case Q5_K: dequant_rows<Q5_K>(w, row_bytes, K, n0, n1, out); break;
+    case Q6_K: dequant_rows<Q6_K>(w, row_bytes, K, n0, n1, out); break;
+  }
+}
+
 }  // namespace YQ_NS

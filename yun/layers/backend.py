@@ -27,12 +27,6 @@ SkinnyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Ten
 DecodeFn = Callable[..., torch.Tensor]
 
 ACTIVATIONS = ("int16", "int8")  # the native quantized matmuls' activation modes, default first
-# From this many rows of x (prefill), a quantized matmul may dequantize its weight to bf16
-# once and run a bf16 GEMM (`QuantKernels.many_rows`): where the CPU multiplies bf16 fast
-# (AVX512-BF16, AMX) that beats the integer kernels once the dequantization is shared by
-# enough rows (AMD Zen 4, 2 threads: the int16 kernels 130-150 GFLOP/s, the vdpbf16ps
-# GEMM 330-380).
-DEQUANT_MIN_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -42,18 +36,22 @@ class QuantKernels:
     module: Any  # the compiled extension
     isa: str  # the code path its kernels take, e.g. "avx512-vnni"
     activations: str  # what x is quantized to: "int16" or "int8" blocks of 32
-    # x [M >= DEQUANT_MIN_ROWS, K] bf16 @ w [N, K] bf16 (the weight dequantized): the
-    # many-row path, or None (every row count on the integer kernels)
+    # x [M >= many_rows_from, K] bf16 @ w [N, K] bf16 (the weight dequantized): the
+    # many-row path, or None (every row count on the integer kernels). From how many rows
+    # of x it pays depends on the CPU (yun.kernels.quant_many_rows_from).
     many_rows: SkinnyFn | None = None
+    many_rows_from: int = 0  # unused without many_rows
 
     @classmethod
     def choose(cls, module: Any, isa: str | None = None,
                activations: str = ACTIVATIONS[0],
-               many_rows: SkinnyFn | None = None) -> "QuantKernels":
+               many_rows: SkinnyFn | None = None,
+               many_rows_from: int = 0) -> "QuantKernels":
         """`isa` forces one code path ("avx512-vnni", "avx512", "avx2-vnni", "avx2",
         "scalar"); by default the best one this CPU runs. A path the CPU cannot run
         raises ValueError. `activations`: "int16" blocks of 32 (the default: ~1e-5
-        relative rounding) or "int8" (llama.cpp's numerics, ~4e-3)."""
+        relative rounding) or "int8" (llama.cpp's numerics, ~4e-3). `many_rows` takes the
+        matmuls of `many_rows_from` rows or more."""
         if activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, "
                              f"got {activations!r}")
@@ -62,11 +60,13 @@ class QuantKernels:
         if chosen not in runnable:
             raise ValueError(f"quantized matmul path {chosen!r} cannot run on this CPU "
                              f"(this one runs: {', '.join(runnable)})")
-        return cls(module, chosen, activations, many_rows)
+        if many_rows is not None and many_rows_from < 1:
+            raise ValueError(f"many_rows needs many_rows_from >= 1, got {many_rows_from}")
+        return cls(module, chosen, activations, many_rows, many_rows_from)
 
     @property
     def name(self) -> str:
-        many = f", >= {DEQUANT_MIN_ROWS} rows: bf16" if self.many_rows is not None else ""
+        many = f", >= {self.many_rows_from} rows: bf16" if self.many_rows is not None else ""
         return f"{self.isa}/{self.activations}{many}"
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from yun.layers import fused, quantized
-from yun.layers.backend import DEQUANT_MIN_ROWS, Backend, QuantKernels, current
+from yun.layers.backend import Backend, QuantKernels, current
 from yun.layers.context import get_forward_context
 from yun.layers.linear import SKINNY_MAX_ROWS, Linear, MergedLinear
 from yun.layers.norm import RMSNorm
@@ -152,7 +152,7 @@ def run_layers(model: torch.nn.Module, layers: list[Any], x: torch.Tensor,
             and model.__dict__["_decode_plan"][2]):
         return None  # dense bf16 rows beyond the GEMV's: the plan would not call this GEMM
     if (kernels.quant is not None and kernels.quant.many_rows is not None
-            and x.shape[0] >= DEQUANT_MIN_ROWS):
+            and x.shape[0] >= kernels.quant.many_rows_from):
         return None  # the Python path's quantized matmuls take the bf16 GEMM at this many rows
     return plan.run(x, cos, sin, caches, meta.slot_mapping, meta.decode_block_tables,
                     meta.decode_context_lens)

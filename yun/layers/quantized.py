@@ -30,7 +30,7 @@ import gguf
 import torch
 import torch.nn.functional as F
 
-from yun.layers.backend import ACTIVATIONS, DEQUANT_MIN_ROWS, current
+from yun.layers.backend import ACTIVATIONS, current
 
 __all__ = ["ACTIVATIONS", "block_info", "dequantize", "dequantize_rows", "quant_matmul",
            "supported_qtypes"]
@@ -267,8 +267,8 @@ def quant_matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, k: int,
 
     With the native backend, x is quantized to int16 (or int8) blocks of 32 first, one
     scale each: the result differs from the float32 product by ~1e-5 (int8: ~5e-3)
-    relative (see the tests). From DEQUANT_MIN_ROWS rows on a CPU with fast bf16 products
-    (`QuantKernels.many_rows`), the weight is dequantized to bf16 and x rounded to bf16
+    relative (see the tests). From `QuantKernels.many_rows_from` rows on a CPU with fast
+    bf16 products (`QuantKernels.many_rows`), the weight is dequantized to bf16 and x rounded to bf16
     (~2e-3 relative per value) for a bf16 GEMM.
     """
     backend = current().quant
@@ -278,7 +278,7 @@ def quant_matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, k: int,
         # itself, and only a failure pays for the checks that name the problem.
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [M, K]
         try:
-            if backend.many_rows is not None and x2.shape[0] >= DEQUANT_MIN_ROWS:
+            if backend.many_rows is not None and x2.shape[0] >= backend.many_rows_from:
                 w16 = backend.module.dequantize_bf16(data, qtype, k)
                 y = backend.many_rows(x2, w16, bias)  # float32
             else:
