@@ -281,18 +281,24 @@ function metaText(m) {
   return parts.join(" · ");
 }
 
-let pendingFrame = null;
+let pendingRender = null, renderCost = 0;
 
+// A streaming reply is rendered (markdown and all) and saved once per frame at most, and,
+// as it grows, after a pause of a few times what its last render cost: a long reply from a
+// fast server would otherwise take every frame, and the page (its Stop button) would stop
+// answering.
 function scheduleRender(view, message) {
-  if (pendingFrame !== null) return;
-  pendingFrame = requestAnimationFrame(() => {
-    pendingFrame = null;
+  if (pendingRender !== null) return;
+  pendingRender = setTimeout(() => requestAnimationFrame(() => {
+    const start = performance.now();
     const list = $("messages");
     const atBottom = nearBottom(list);
     render(view, message);
     if (atBottom) list.scrollTop = list.scrollHeight;
     saveChat();
-  });
+    renderCost = performance.now() - start;
+    pendingRender = null;
+  }), Math.min(1000, 3 * renderCost));
 }
 
 function nearBottom(el) {
