@@ -4,7 +4,7 @@ streamed) and prefill (M=16/64/512: GFLOP/s) shapes.
 
     .venv/bin/python scripts/bench_quant.py [--isa avx512-vnni avx2] [--threads 2]
         [--types Q4_K Q8_0 Q4_1] [--activations int16 int8] [--m 16 64 512]
-        [--shape 896 4864] [--no-decode] [--no-prefill]
+        [--shape 896 4864] [--cold] [--no-decode] [--no-prefill]
 
 Each column is one code path with one activation mode ("avx512-vnni/int16"); the modes
 of a path are timed next to each other (the machine's noise hits both alike).
@@ -77,6 +77,31 @@ def decode_rows(mod, isas: list[str], types: list[QT]) -> None:
                   + f" {w.numel() * 4 / t / 1e9:12.1f} {t / best:9.1f}x")
 
 
+def cold_pass(mod, isas: list[str], types: list[QT]) -> None:
+    """One decode step's matrices, each read once (as a model's weights are: from memory,
+    not from a cache the previous call warmed): SmolLM2-135M's 30 layers of fused QKV,
+    O, gate/up and down at M = 1."""
+    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+    print("\ncold pass: 30 layers x (960x576, 576x576, 3072x576, 576x1536), M=1, each matrix "
+          "once per pass: GB/s of weight bytes (the best pass)")
+    print(f"{'type':6} {'MB':>6} " + " ".join(f"{i:>17}" for i in isas))
+    for qtype in types:
+        if 576 % block_info(qtype)[0]:
+            print(f"{qtype.name:6} (skipped: K = 576 is not a multiple of its block)")
+            continue
+        ws = [(weight(qtype, n, k), k) for _ in range(30) for n, k in shapes]  # 120 in memory
+        xs = {k: torch.randn(1, k) for k in (576, 1536)}
+        total = sum(w.numel() for w, _ in ws)
+        cells = []
+        for col in isas:
+            def run() -> None:
+                for w, k in ws:
+                    mod.matmul(xs[k], w, int(qtype), k, None, *col.split("/"))
+            best = seconds(run)
+            cells.append(f"{total / best / 1e9:17.1f}")
+        print(f"{qtype.name:6} {total / 1e6:6.1f} " + " ".join(cells))
+
+
 def prefill_rows(mod, isas: list[str], ms: list[int], types: list[QT],
                  shape: tuple[int, int]) -> None:
     print("\nprefill: GFLOP/s (2*M*N*K / time); 'deq+mm' = dequantize (torch) then fp32 "
@@ -122,6 +147,9 @@ def main() -> None:
     ap.add_argument("--shape", type=int, nargs=2, default=[896, 4864], metavar=("N", "K"),
                     help="the prefill table's weight shape (SmolLM2-135M's MLP: 1536 576 "
                     "and 576 1536); a K-quant needs K to be a multiple of 256")
+    ap.add_argument("--cold", action="store_true",
+                    help="also time one decode step's 120 distinct matrices read once each "
+                    "(SmolLM2-135M's shapes: weights from memory, as in a model)")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--no-prefill", action="store_true")
     args = ap.parse_args()
@@ -134,6 +162,8 @@ def main() -> None:
     isas = [f"{p}/{a}" for p in paths for a in args.activations]
     if not args.no_decode:
         decode_rows(mod, isas, [QT[t] for t in args.types])
+    if args.cold:
+        cold_pass(mod, isas, [QT[t] for t in args.types])
     if not args.no_prefill:
         prefill_rows(mod, isas, args.m, [QT[t] for t in args.types], tuple(args.shape))
 

@@ -136,7 +136,9 @@ struct Job {
   float* y;            // [M, ldy]
   int64_t ldy;
   const float* bias;   // [N] or null
-  bool prefetch;       // software-prefetch the weights (decode: they come from memory)
+  int prefetch_ahead;  // software-prefetch the weights (decode: they come from memory) this
+                       // many passes of weight rows ahead; 0: no prefetch
+  bool prefetch_l2;    // into L2 (else L1)
   int64_t n_tile;      // weight rows per tile: a tile stays in cache while every block of
                        // rows of x goes over it
 };

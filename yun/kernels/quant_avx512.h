@@ -382,14 +382,16 @@ struct Kern {
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
     const int64_t full = j.tail_bytes ? j.chunks - 1 : j.chunks;
-    // Decode streams the weights from memory: fetch the next pass's rows (right after these)
-    // evenly over this pass's chunks. Past the end of w is harmless (no fault).
-    const char* next = reinterpret_cast<const char*>(w[R - 1] + j.row_bytes);
-    const int64_t lines = j.prefetch ? R * j.row_bytes / 64 : 0;
+    // Decode streams the weights from memory: fetch a later pass's rows (prefetch_ahead
+    // passes on) evenly over this pass's chunks. Past the end of w is harmless (no fault).
+    const char* next = reinterpret_cast<const char*>(w[R - 1] + j.row_bytes +
+                                                     (j.prefetch_ahead - 1) * R * j.row_bytes);
+    const int64_t lines = j.prefetch_ahead > 0 ? R * j.row_bytes / 64 : 0;
     int64_t fetched = 0;
     for (int64_t ch = 0; ch < full; ++ch) {
       for (const int64_t want = (ch + 1) * lines / j.chunks; fetched < want; ++fetched)
-        _mm_prefetch(next + 64 * fetched, _MM_HINT_T0);
+        if (j.prefetch_l2) _mm_prefetch(next + 64 * fetched, _MM_HINT_T1);
+        else _mm_prefetch(next + 64 * fetched, _MM_HINT_T0);
       if constexpr (kMany<MB>) chunk_many<R, MB>(j, w, ch, xq, dg, sg, gpr, idx, acc);
       else chunk<true, R, MB>(j, w, ch, xq, dg, sg, gpr, idx, acc);
     }
