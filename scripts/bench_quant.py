@@ -4,7 +4,7 @@ streamed) and prefill (M=16/64/512: GFLOP/s) shapes.
 
     .venv/bin/python scripts/bench_quant.py [--isa avx512-vnni avx2] [--threads 2]
         [--types Q4_K Q8_0 Q4_1] [--activations int16 int8] [--m 16 64 512]
-        [--shape 896 4864] [--cold] [--no-decode] [--no-prefill]
+        [--shape 896 4864] [--cold [--no-huge-pages]] [--no-decode] [--no-prefill]
 
 Each column is one code path with one activation mode ("avx512-vnni/int16"); the modes
 of a path are timed next to each other (the machine's noise hits both alike).
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from yun import kernels
 from yun.kernels import cpu
+from yun.models import huge_pages
 from yun.layers.quantized import QT, block_info, dequantize
 
 
@@ -77,19 +78,26 @@ def decode_rows(mod, isas: list[str], types: list[QT]) -> None:
                   + f" {w.numel() * 4 / t / 1e9:12.1f} {t / best:9.1f}x")
 
 
-def cold_pass(mod, isas: list[str], types: list[QT]) -> None:
+def cold_pass(mod, isas: list[str], types: list[QT], huge: bool) -> None:
     """One decode step's matrices, each read once (as a model's weights are: from memory,
     not from a cache the previous call warmed): SmolLM2-135M's 30 layers of fused QKV,
     O, gate/up and down at M = 1."""
     shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
     print("\ncold pass: 30 layers x (960x576, 576x576, 3072x576, 576x1536), M=1, each matrix "
-          "once per pass: GB/s of weight bytes (the best pass)")
+          "once per pass: GB/s of weight bytes (the best pass); weights in "
+          + ("transparent huge pages" if huge else "4 KiB pages (--no-huge-pages)"))
     print(f"{'type':6} {'MB':>6} " + " ".join(f"{i:>17}" for i in isas))
     for qtype in types:
         if 576 % block_info(qtype)[0]:
             print(f"{qtype.name:6} (skipped: K = 576 is not a multiple of its block)")
             continue
         ws = [(weight(qtype, n, k), k) for _ in range(30) for n, k in shapes]  # 120 in memory
+        if huge:  # as the engine places a model's weights (yun/models/huge_pages.py)
+            holder = torch.nn.Module()
+            for i, (w, _) in enumerate(ws):
+                holder.register_buffer(f"w{i}", w, persistent=False)
+            huge_pages.place_in_huge_pages(holder)
+            ws = [(holder.get_buffer(f"w{i}"), k) for i, (_, k) in enumerate(ws)]
         xs = {k: torch.randn(1, k) for k in (576, 1536)}
         total = sum(w.numel() for w, _ in ws)
         cells = []
@@ -150,6 +158,9 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true",
                     help="also time one decode step's 120 distinct matrices read once each "
                     "(SmolLM2-135M's shapes: weights from memory, as in a model)")
+    ap.add_argument("--no-huge-pages", action="store_true",
+                    help="--cold: leave the weights in torch's 4 KiB pages (the engine moves "
+                    "them into transparent huge pages where Linux has them)")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--no-prefill", action="store_true")
     args = ap.parse_args()
@@ -163,7 +174,7 @@ def main() -> None:
     if not args.no_decode:
         decode_rows(mod, isas, [QT[t] for t in args.types])
     if args.cold:
-        cold_pass(mod, isas, [QT[t] for t in args.types])
+        cold_pass(mod, isas, [QT[t] for t in args.types], not args.no_huge_pages)
     if not args.no_prefill:
         prefill_rows(mod, isas, args.m, [QT[t] for t in args.types], tuple(args.shape))
 

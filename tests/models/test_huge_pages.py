@@ -45,3 +45,34 @@ def test_small_models_are_left_alone():
     ptr = model.weight.data_ptr()
     assert huge_pages.place_in_huge_pages(model) == 0
     assert model.weight.data_ptr() == ptr
+
+
+@pytest.mark.skipif(not huge_pages.thp_available(), reason="no transparent huge pages here")
+def test_quantized_blocks_held_as_buffers_move_too(monkeypatch):
+    """A GGUF file's quantized weights are module buffers (QuantWeight), not parameters:
+    they stream every token as well. Two buffers over the same bytes (one file mapping,
+    or a tied embedding) share one copy; the matmul's result does not change."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as QT, quantize
+
+    from yun.layers.quant_linear import QuantTensor, QuantWeight
+
+    monkeypatch.setattr(huge_pages, "MIN_BYTES", 0)
+    rng = np.random.default_rng(0)
+    blocks = torch.from_numpy(quantize(rng.standard_normal((64, 256)).astype(np.float32),
+                                       QT.Q8_0))
+    model = nn.Module()
+    model.a = QuantWeight([QuantTensor(int(QT.Q8_0), blocks, (64, 256), "a.weight")])
+    model.b = QuantWeight([QuantTensor(int(QT.Q8_0), blocks[:], (64, 256), "b.weight")])
+    model.a.register_buffer("odd", blocks.t(), persistent=False)  # not contiguous: stays
+    x = torch.randn(3, 256)
+    want = model.a.matmul(x)
+    before = blocks.data_ptr()
+
+    size = huge_pages.place_in_huge_pages(model)
+
+    assert size >= blocks.numel() and size % (2 << 20) == 0
+    a, b = model.a.part0, model.b.part0
+    assert a.data_ptr() != before and a.data_ptr() == b.data_ptr()  # moved, once
+    assert model.a.odd.data_ptr() == before  # a transposed view keeps its layout and place
+    assert torch.equal(a, blocks) and torch.equal(model.a.matmul(x), want)
