@@ -449,9 +449,10 @@ Format_ format_of(int64_t qtype) {
 //   AMD (Zen 4): the next pass into L1, rows of 768 bytes or more only: it doubles the speed
 //     of long rows (Q4_K K=6144: 10 -> 20 GB/s), where 4 row streams at once defeat the
 //     hardware prefetcher, and slows short ones (Q8_0 K=576: 18 -> 13 GB/s).
-//   Intel (Xeon with AMX): every row, 3 passes ahead, into L2. Over SmolLM2-135M's 120 decode
-//     matrices (cold, 2 threads, `scripts/bench_quant.py --cold`): Q8_0 15-17 -> 26-29
-//     GB/s, Q5_0 18-19 -> 21-22; 2 or 5+ passes ahead and L1 did no better.
+//   Intel: every row, 3 passes ahead, into L2. Measured on a Xeon with AMX only (2 threads,
+//     `scripts/bench_quant.py --cold`: SmolLM2-135M's 120 decode matrices, avx512-vnni/int16,
+//     GB/s in huge pages): Q8_0 21.5-21.9 -> 28-32, Q5_0 19-20 -> 22.6-23.3, Q4_1 21.4-22.2
+//     -> 23.2-24.1; 2 or 5+ passes ahead and L1 did no better.
 struct Prefetch { int64_t min_row_bytes; int ahead; bool l2; };
 
 const Prefetch& prefetch_policy() {

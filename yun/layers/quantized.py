@@ -268,8 +268,8 @@ def quant_matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, k: int,
     With the native backend, x is quantized to int16 (or int8) blocks of 32 first, one
     scale each: the result differs from the float32 product by ~1e-5 (int8: ~5e-3)
     relative (see the tests). From `QuantKernels.many_rows_from` rows on a CPU with fast
-    bf16 products (`QuantKernels.many_rows`), the weight is dequantized to bf16 and x rounded to bf16
-    (~2e-3 relative per value) for a bf16 GEMM.
+    bf16 products (`QuantKernels.many_rows`), the weight is dequantized to bf16 and x
+    rounded to bf16 (~2e-3 relative per value) for a bf16 GEMM.
     """
     backend = current().quant
     if (backend is not None and qtype in _NATIVE and x.device.type == "cpu"
