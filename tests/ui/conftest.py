@@ -74,10 +74,29 @@ def browser():
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=TIMEOUT_MS)
-    with sync_playwright() as pw:
+    # Under xdist this worker is pinned to one CPU (tests/conftest.py), and Chromium would
+    # inherit it: one core shared with the engine thread that streams tokens to it, and
+    # in a loaded suite a click or a key press then waited past its timeout (seen twice
+    # on a 2-core Xeon). The browser and its driver are started with every CPU.
+    pinned = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    if pinned is not None:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    pw = None
+    try:
+        pw = sync_playwright().start()
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    except BaseException:
+        if pw is not None:
+            pw.stop()
+        raise
+    finally:
+        if pinned is not None:
+            os.sched_setaffinity(0, pinned)
+    try:
         yield browser
         browser.close()
+    finally:
+        pw.stop()
 
 
 @pytest.fixture
