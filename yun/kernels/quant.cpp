@@ -427,6 +427,13 @@ const Path& find_path(const std::string& isa) {
   TORCH_CHECK(false, "unknown quantized matmul path '", isa, "'");
 }
 
+// The first path this CPU runs (the list ends with the scalar one, which runs anywhere).
+const Path& best_path() {
+  for (const Path& p : kPaths)
+    if (p.runnable()) return p;
+  return kPaths[sizeof(kPaths) / sizeof(kPaths[0]) - 1];
+}
+
 struct Format_ { int block, bytes; };
 
 Format_ format_of(int64_t qtype) {
@@ -604,7 +611,7 @@ torch::Tensor dequantize_bf16(torch::Tensor w, int64_t qtype, int64_t K, const s
   auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const uint8_t* src = w.data_ptr<uint8_t>();
   const int64_t rb = w.size(1);
-  const DequantFn fn = (isa.empty() ? kPaths[0] : find_path(isa)).dequant;
+  const DequantFn fn = (isa.empty() ? best_path() : find_path(isa)).dequant;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     fn(src, rb, K, static_cast<int>(qtype), n0, n1, dst);
   });
