@@ -1,7 +1,11 @@
 """yun (云): an inference and serving engine for open-weight language models."""
 
-from yun.outputs import CompletionOutput, Logprob, RequestOutput
-from yun.sampling_params import SamplingParams
+from yun import isa_cap
+
+isa_cap.apply_to_torch()  # YUN_MAX_CPU_ISA: before anything imports torch
+
+from yun.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
+from yun.sampling_params import SamplingParams  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -86,7 +86,9 @@ class EngineConfig:
     kernel_isa: str = _opt(
         "auto", "Which build of the native CPU kernels: auto (the best this CPU runs), "
         "avx512, or avx2 (e.g. to compare the two on an AVX-512 CPU). A build the CPU "
-        "cannot run means torch's kernels.", choices=KERNEL_ISAS)
+        "cannot run means torch's kernels. To run as on a lesser CPU altogether "
+        "(quantized paths, AMX, torch's own kernels too), set YUN_MAX_CPU_ISA=avx2 "
+        "(or scalar, avx2_vnni, avx512, avx512_vnni, avx512_bf16) instead.", choices=KERNEL_ISAS)
     task: str = _opt(
         "auto", "What the model serves: generate (text), embed (/v1/embeddings only: pooled "
         "hidden states), or auto (embed for encoder checkpoints such as BertModel and for "

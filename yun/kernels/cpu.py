@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import platform
 
+from yun import isa_cap
+
 # The flags yun's kernels care about, as Linux names them.
 X86_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
              "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
@@ -40,7 +42,7 @@ def _field(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_features() -> frozenset[str]:
+def reported_features() -> frozenset[str]:
     """The subset of X86_FLAGS / ARM_FLAGS this CPU reports."""
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
@@ -51,6 +53,13 @@ def cpu_features() -> frozenset[str]:
         found = {"neon"} if "asimd" in flags else set()
         return frozenset(found | ({"asimddp"} if "asimddp" in flags else set()))
     return frozenset()
+
+
+def cpu_features() -> frozenset[str]:
+    """The features yun uses: those this CPU reports, less what YUN_MAX_CPU_ISA removes
+    (yun.isa_cap)."""
+    return isa_cap.cap(reported_features(),
+                       arm=platform.machine().lower() in ("aarch64", "arm64"))
 
 
 def _amd_core(family: int, model: int) -> str | None:
@@ -95,5 +104,7 @@ def describe(quant: str | None = None) -> str:
                          "asimddp") if f in feats]
     if not shown:
         shown = [f for f in ("avx512f", "avx2", "neon") if f in feats][:1]
-    return (f"{cpu_model_name()}: {' '.join(shown) or 'no SIMD features found'}; "
+    level = isa_cap.max_isa()
+    capped = f" (capped: {isa_cap.ENV}={level})" if level else ""
+    return (f"{cpu_model_name()}: {' '.join(shown) or 'no SIMD features found'}{capped}; "
             f"quantized matmul: {quant or quant_path()}")

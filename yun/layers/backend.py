@@ -55,7 +55,11 @@ class QuantKernels:
         if activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, "
                              f"got {activations!r}")
-        runnable = list(module.isas())
+        from yun.kernels.cpu import QUANT_PATHS, cpu_features
+
+        have = cpu_features()  # less what YUN_MAX_CPU_ISA removes
+        usable = {name for name, needs in QUANT_PATHS if all(f in have for f in needs)}
+        runnable = [p for p in module.isas() if p in usable]
         chosen = isa or runnable[0]
         if chosen not in runnable:
             raise ValueError(f"quantized matmul path {chosen!r} cannot run on this CPU "

@@ -279,7 +279,7 @@ def quant_matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, k: int,
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [M, K]
         try:
             if backend.many_rows is not None and x2.shape[0] >= backend.many_rows_from:
-                w16 = backend.module.dequantize_bf16(data, qtype, k)
+                w16 = backend.module.dequantize_bf16(data, qtype, k, backend.isa)
                 y = backend.many_rows(x2, w16, bias)  # float32
             else:
                 y = backend.module.matmul(x2, data, qtype, k, bias, backend.isa,
