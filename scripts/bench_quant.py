@@ -113,14 +113,17 @@ def cold_pass(mod, isas: list[str], types: list[QT], huge: bool) -> None:
 def prefill_rows(mod, isas: list[str], ms: list[int], types: list[QT],
                  shape: tuple[int, int]) -> None:
     print("\nprefill: GFLOP/s (2*M*N*K / time); 'deq+mm' = dequantize (torch) then fp32 "
-          "F.linear, 'fp32' = F.linear on an already dequantized weight, 'bf16 many' = the "
-          "native dequantize_bf16 then the many-row bf16 GEMM this CPU has (quant_many_rows: "
-          "oneDNN on AMX-BF16, vdpbf16ps on AVX512-BF16; '-' where it has none)")
+          "F.linear, 'fp32' = F.linear on an already dequantized weight, 'f32 many' = the "
+          "native dequantize_f32 then torch's fp32 GEMM (the many-row path of CPUs without "
+          "fast bf16), 'bf16 many' = the native dequantize_bf16 then the bf16 GEMM this CPU "
+          "has (oneDNN on AMX-BF16, vdpbf16ps on AVX512-BF16; '-' where it has none)")
     n, k = shape
     many = kernels.quant_many_rows()
-    print(f"N x K = {n} x {k}")
+    bf16_many = many if kernels.quant_many_rows_dtype() == torch.bfloat16 else None
+    print(f"N x K = {n} x {k}; many-row path here from {kernels.quant_many_rows_from()} rows, "
+          f"weight in {kernels.quant_many_rows_dtype()}")
     print(f"{'type':6} {'M':>4} " + " ".join(f"{i:>17}" for i in isas)
-          + f" {'deq+mm':>8} {'fp32':>8} {'bf16 many':>10}")
+          + f" {'deq+mm':>8} {'fp32':>8} {'f32 many':>9} {'bf16 many':>10}")
     for qtype in types:
         data = weight(qtype, n, k)
         w = dequantize(data, qtype, k)
@@ -133,12 +136,16 @@ def prefill_rows(mod, isas: list[str], ms: list[int], types: list[QT],
                 cells.append(f"{flop / t / 1e9:17.1f}")
             t_deq = seconds(lambda: F.linear(x, dequantize(data, qtype, k)))
             t_mm = seconds(lambda: F.linear(x, w))
+            t_f32 = seconds(lambda: kernels._f32_many_rows(
+                x, mod.dequantize_f32(data, int(qtype), k), None))
             cell = "-"
-            if many is not None:
-                t_many = seconds(lambda: many(x, mod.dequantize_bf16(data, int(qtype), k), None))
+            if bf16_many is not None:
+                t_many = seconds(lambda: bf16_many(x, mod.dequantize_bf16(data, int(qtype), k),
+                                                   None))
                 cell = f"{flop / t_many / 1e9:.1f}"
             print(f"{qtype.name:6} {m:4} " + " ".join(cells)
-                  + f" {flop / t_deq / 1e9:8.1f} {flop / t_mm / 1e9:8.1f} {cell:>10}")
+                  + f" {flop / t_deq / 1e9:8.1f} {flop / t_mm / 1e9:8.1f}"
+                  f" {flop / t_f32 / 1e9:9.1f} {cell:>10}")
 
 
 def main() -> None:

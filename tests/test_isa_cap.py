@@ -52,8 +52,9 @@ def test_the_cap_removes_features_above_its_level_only(monkeypatch):
 def test_an_avx2_cap_on_an_avx512_cpu_takes_every_avx2_choice(monkeypatch):
     monkeypatch.setenv(isa_cap.ENV, "avx2")
     assert kernels.native_isa() == "avx2"
-    assert kernels.quant_many_rows() is None  # no AMX / vdpbf16ps GEMM after dequantizing
-    assert kernels.quant_many_rows_from() == kernels.DOT_MANY_ROWS_FROM
+    # no AMX / vdpbf16ps GEMM after dequantizing: torch's fp32 one, from AVX2's threshold
+    assert kernels.quant_many_rows() is kernels._f32_many_rows
+    assert kernels.quant_many_rows_from() == kernels.FP32_MANY_ROWS_FROM["avx2"]
     gemm = kernels.bf16_gemm("avx2")
     assert kernels.bf16_many_rows(gemm) is gemm  # not torch's (oneDNN AMX) bf16 GEMM
     assert "capped: YUN_MAX_CPU_ISA=avx2" in cpu.describe()
@@ -97,7 +98,7 @@ def test_an_engine_under_an_avx2_cap_runs_the_avx2_kernels_and_torch_at_avx2(qwe
         pytest.skip("no compiler here")
     capped = _engine_in_a_child(qwen2_path, "avx2")
     assert "capped: YUN_MAX_CPU_ISA=avx2" in capped["describe"]
-    assert "quantized matmul: avx2/int16" in capped["describe"]
+    assert "quantized matmul: avx2/int16, >= 16 rows: fp32" in capped["describe"]
     assert "native build: avx2" in capped["describe"]
     assert capped["torch"] == "AVX2"  # ATen's kernels were capped before torch started
     full = _engine_in_a_child(qwen2_path, None)

@@ -399,10 +399,26 @@ _F16_FIELDS_32 = {QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2)
 
 @needs_native
 @pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
-def test_dequantize_bf16_gives_the_same_bits_on_every_path(qtype):
-    """The AVX-512 paths' vector dequantization against the scalar loop, bit for bit: raw
-    random blocks (every quant bit pattern, Q8_0's -128 included), scales of both signs
-    and some zero (the sign of a zero product), partial last chunks."""
+def test_native_dequantize_f32_is_the_reference_within_an_ulp(qtype):
+    """The fp32 many-row path's weight (CPUs without fast bf16 products): the kernels'
+    affine map a * v + c, against gguf-py's d * (q - offset): within 2 fp32 ulps of each
+    value's scale, and bfloat16's dequantization is exactly it rounded once."""
+    for i, (_, n, k) in enumerate(shapes(qtype)):
+        data = torch.from_numpy(random_weight(qtype, n, k, seed=20 + i))
+        got = native.dequantize_f32(data, qtype, k)
+        assert got.dtype == torch.float32 and got.shape == (n, k)
+        want = torch.from_numpy(gguf_dequantize(data.numpy(), qtype))
+        scale = want.abs().amax(dim=1, keepdim=True)
+        assert ((got - want).abs() <= scale * 2 ** -22).all(), (qtype.name, n, k)
+        assert torch.equal(got.bfloat16(), native.dequantize_bf16(data, qtype, k))
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
+def test_dequantize_gives_the_same_bits_on_every_path(qtype):
+    """The SIMD paths' vector dequantization (bf16 and fp32) against the scalar loop, bit
+    for bit: raw random blocks (every quant bit pattern, Q8_0's -128 included), scales of
+    both signs and some zero (the sign of a zero product), partial last chunks."""
     rng = np.random.default_rng(int(qtype))
     bs, ts = block_info(qtype)
     fields = _F16_FIELDS_32.get(qtype) or _F16_FIELDS[qtype]
@@ -414,9 +430,12 @@ def test_dequantize_bf16_gives_the_same_bits_on_every_path(qtype):
             blocks[:, :, off:off + 2] = scale.view(np.uint8).reshape(n, k // bs, 2)
         data = torch.from_numpy(blocks.reshape(n, -1))
         want = native.dequantize_bf16(data, qtype, k, "scalar")
+        want32 = native.dequantize_f32(data, qtype, k, "scalar")
         for path in [*PATHS, ""]:  # "": the best path this CPU runs
             got = native.dequantize_bf16(data, qtype, k, path)
             assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (path, n, k)
+            got = native.dequantize_f32(data, qtype, k, path)
+            assert torch.equal(got.view(torch.int32), want32.view(torch.int32)), (path, n, k)
     with pytest.raises(RuntimeError, match="unknown quantized matmul path"):
         native.dequantize_bf16(data, qtype, k, "avx1024")
 
@@ -452,12 +471,58 @@ def test_many_rows_take_the_bf16_gemm_from_the_threshold(start):
         QuantKernels.choose(native, many_rows=spy)  # a many-row path needs its threshold
 
 
+@needs_native
+def test_many_rows_take_the_fp32_gemm_on_the_exact_weight():
+    """CPUs without fast bf16 products: from the threshold on, the weight is dequantized to
+    float32 (the native kernels' map) and x stays as it is: float32 GEMM accuracy, far
+    below the int16 kernels' rounding of x, and the same result as F.linear on it."""
+    calls = []
+
+    def spy(x, w, b):
+        calls.append((x.shape[0], w.dtype))
+        return kernels._f32_many_rows(x, w, b)
+
+    qtype, n, k = QT.Q5_0, 24, 224
+    data = torch.from_numpy(random_weight(qtype, n, k, seed=4))
+    bias = torch.randn(n)
+    w64 = torch.from_numpy(gguf_dequantize(data.numpy(), qtype)).double()
+    quant = QuantKernels.choose(native, many_rows=spy, many_rows_from=16,
+                                many_rows_dtype=torch.float32)
+    assert quant.name.endswith(", >= 16 rows: fp32")
+    with use_backend(Backend(quant=quant)):
+        for rows in (15, 16, 40):
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+            y = qmod.quant_matmul(x, data, qtype, k, bias)
+            want = x.double() @ w64.T + bias.double()
+            err = ((y.double() - want).abs().max() / want.abs().max()).item()
+            assert err <= (1e-3 if rows < 16 else 1e-5), (rows, err)  # int16 x, or exact x
+            if rows >= 16:
+                w = native.dequantize_f32(data, qtype, k)
+                assert torch.equal(y, torch.nn.functional.linear(x, w, bias))
+        y16 = qmod.quant_matmul(torch.randn(16, k).bfloat16(), data, qtype, k)
+        assert y16.dtype == torch.bfloat16  # x's dtype back
+    assert calls == [(16, torch.float32), (40, torch.float32), (16, torch.float32)]
+    with pytest.raises(ValueError, match="many_rows_dtype"):
+        QuantKernels.choose(native, many_rows=spy, many_rows_from=4,
+                            many_rows_dtype=torch.float16)
+
+
 def test_many_row_path_is_chosen_by_the_cpus_bf16_hardware():
     base = frozenset({"avx512f", "avx512bw", "avx512vl", "fma", "avx2", "f16c"})
-    assert kernels.quant_many_rows(features=base) is None  # no fast bf16: integer kernels
+    # No fast bf16: torch's fp32 GEMM on the fp32 weight, from the quantized path's threshold
+    assert kernels.quant_many_rows(features=base) is kernels._f32_many_rows
+    assert kernels.quant_many_rows_dtype(base) == torch.float32
+    for feats, path in ((base, "avx512"), (base | {"avx512_vnni"}, "avx512-vnni"),
+                        (frozenset({"avx2", "fma", "f16c"}), "avx2"),
+                        (frozenset({"avx2", "fma", "f16c", "avx_vnni"}), "avx2-vnni"),
+                        (frozenset(), "scalar")):
+        assert kernels.quant_many_rows_from(feats) == kernels.FP32_MANY_ROWS_FROM[path]
+    assert kernels.quant_many_rows_from(frozenset()) == 1  # the scalar kernels never pay
     assert kernels.quant_many_rows(features=base | {"amx_bf16", "avx512_bf16"}) \
         is kernels._amx_many_rows
-    assert kernels.quant_many_rows("avx2", features=base | {"avx512_bf16"}) is None
+    assert kernels.quant_many_rows_dtype(base | {"amx_bf16"}) == torch.bfloat16
+    assert kernels.quant_many_rows("avx2", features=base | {"avx512_bf16"}) \
+        is kernels._f32_many_rows
     mod = kernels.native("avx512")
     if mod is not None and mod.gemm_bf16_has_dot():
         fn = kernels.quant_many_rows(features=base | {"avx512_bf16"})

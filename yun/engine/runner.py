@@ -106,8 +106,10 @@ class ModelRunner:
         if quant is not None:
             from yun import kernels
 
-            quant = QuantKernels.choose(quant, many_rows=kernels.quant_many_rows(self._isa),
-                                        many_rows_from=kernels.quant_many_rows_from())
+            quant = QuantKernels.choose(
+                quant, many_rows=kernels.quant_many_rows(self._isa),
+                many_rows_from=kernels.quant_many_rows_from(isa=self._isa),
+                many_rows_dtype=kernels.quant_many_rows_dtype(isa=self._isa))
         return Backend(bf16=self._bf16_kernels(), f32=self._f32_kernel(),
                        decode=self._decode_kernel(), fused=self._fused_ops(), quant=quant)
 

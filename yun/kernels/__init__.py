@@ -169,41 +169,63 @@ def bf16_many_rows(native_gemm: MatmulFn, features: frozenset[str] | None = None
 
 
 def quant_many_rows(isa: str | None = None,
-                    features: frozenset[str] | None = None) -> MatmulFn | None:
-    """The bf16 GEMM a quantized matmul of many rows runs after dequantizing its weight
-    to bf16, where this CPU multiplies bf16 fast: torch's (oneDNN) on AMX-BF16, the native
-    vdpbf16ps GEMM on AVX512-BF16; None elsewhere (the integer kernels are faster there
-    than a widening fp32 GEMM after a dequantization). It takes x in any float dtype
-    (rounded to bf16) and returns the product in float32 (bias added in float32 natively)."""
+                    features: frozenset[str] | None = None) -> MatmulFn:
+    """The GEMM a quantized matmul of many rows (prefill, batched decode) runs after
+    dequantizing its weight once per call (to quant_many_rows_dtype): where this CPU
+    multiplies bf16 fast, torch's (oneDNN) on AMX-BF16 or the native vdpbf16ps GEMM on
+    AVX512-BF16, on a bf16 weight with x rounded to bf16; elsewhere torch's float32 GEMM
+    (MKL / oneDNN) on a float32 weight: on an AVX2 CPU it runs about twice as fast as the
+    integer kernels (see FP32_MANY_ROWS_FROM). It takes x in any float dtype and returns the
+    product in float32."""
     from yun.kernels.cpu import cpu_features
 
     feats = cpu_features() if features is None else features
     if "amx_bf16" in feats:
         return _amx_many_rows
-    if "avx512_bf16" not in feats or isa not in (None, "avx512"):
-        return None
-    mod = native("avx512")
-    if mod is None or not mod.gemm_bf16_has_dot():
-        return None
-    return functools.partial(_dot_many_rows, mod.gemm_bf16_kernel)
+    if "avx512_bf16" in feats and isa in (None, "avx512"):
+        mod = native("avx512")
+        if mod is not None and mod.gemm_bf16_has_dot():
+            return functools.partial(_dot_many_rows, mod.gemm_bf16_kernel)
+    return _f32_many_rows
 
 
-# From how many rows of x a quantized matmul takes quant_many_rows' bf16 GEMM: where it
-# beats the integer kernels once the dequantization is shared by that many rows.
+# From how many rows of x a quantized matmul takes quant_many_rows' GEMM: where it beats
+# the integer kernels once the dequantization is shared by that many rows.
 # vdpbf16ps (AMD Zen 4, 2 threads): the int16 kernels 130-150 GFLOP/s, the GEMM 330-380.
 # AMX (Intel Xeon, 2 threads, SmolLM2-135M's MLP shapes, scripts/bench_quant.py): the int16
 # VNNI kernels 150-185 GFLOP/s at every M; dequantization + oneDNN 167-197 at M = 16,
 # 300-340 at 32, 470-560 at 64.
 DOT_MANY_ROWS_FROM = 128
 AMX_MANY_ROWS_FROM = 32
+# torch's float32 GEMM on the native dequantize_f32's weight, by the quantized path the
+# CPU takes (yun.kernels.cpu.quant_path), against its int16 kernels (Intel Xeon with AMX,
+# 2 threads, capped with YUN_MAX_CPU_ISA so that torch's libraries are too; SmolLM2-135M's
+# MLP shapes, Q8_0 Q5_0 Q4_K Q6_K; scripts/bench_quant.py, GFLOP/s):
+#   avx2: 88-101 against 112-115 at M = 16, 73-74 against 93-121 at 8;
+#   avx2-vnni: 113-119 against 94-121 at 16 (even), 144-151 against 97-117 at 32;
+#   avx512-vnni (no BF16): 145-188 against 147-164 at 32 (even), 205-217 against 132-171 at 64;
+#   avx512 (no VNNI): not measured, taken as between the two;
+#   scalar (no AVX2, and aarch64): 17-18 against 1.7-2.4 at M = 1.
+FP32_MANY_ROWS_FROM = {"avx512-vnni": 64, "avx512": 32, "avx2-vnni": 32, "avx2": 16, "scalar": 1}
 
 
-def quant_many_rows_from(features: frozenset[str] | None = None) -> int:
+def quant_many_rows_from(features: frozenset[str] | None = None,
+                         isa: str | None = None) -> int:
     """The row count from which quant_many_rows' GEMM runs on this CPU (see above)."""
-    from yun.kernels.cpu import cpu_features
+    from yun.kernels.cpu import cpu_features, quant_path
 
     feats = cpu_features() if features is None else features
-    return AMX_MANY_ROWS_FROM if "amx_bf16" in feats else DOT_MANY_ROWS_FROM
+    if "amx_bf16" in feats:
+        return AMX_MANY_ROWS_FROM
+    if quant_many_rows_dtype(feats, isa) == torch.bfloat16:
+        return DOT_MANY_ROWS_FROM
+    return FP32_MANY_ROWS_FROM[quant_path(feats)]
+
+
+def quant_many_rows_dtype(features: frozenset[str] | None = None,
+                          isa: str | None = None) -> torch.dtype:
+    """The dtype quant_many_rows' GEMM takes the dequantized weight in."""
+    return torch.float32 if quant_many_rows(isa, features) is _f32_many_rows else torch.bfloat16
 
 
 def _dot_many_rows(gemm: Callable[..., torch.Tensor], x: torch.Tensor, w: torch.Tensor,
@@ -214,6 +236,10 @@ def _dot_many_rows(gemm: Callable[..., torch.Tensor], x: torch.Tensor, w: torch.
 def _amx_many_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     y = torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
     return y if bias is None else y + bias.float()
+
+
+def _f32_many_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
 
 
 def elementwise(isa: str | None = None) -> object | None:

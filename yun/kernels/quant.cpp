@@ -237,18 +237,7 @@ struct Kern {
 
 template <bool W16>
 void run_mode(const Job& j, int qtype, int64_t n0, int64_t n1) {
-  switch (qtype) {
-    case Q4_0: drive<Kern<Q4_0, W16>>(j, n0, n1); break;
-    case Q4_1: drive<Kern<Q4_1, W16>>(j, n0, n1); break;
-    case Q5_0: drive<Kern<Q5_0, W16>>(j, n0, n1); break;
-    case Q5_1: drive<Kern<Q5_1, W16>>(j, n0, n1); break;
-    case Q8_0: drive<Kern<Q8_0, W16>>(j, n0, n1); break;
-    case Q2_K: drive<Kern<Q2_K, W16>>(j, n0, n1); break;
-    case Q3_K: drive<Kern<Q3_K, W16>>(j, n0, n1); break;
-    case Q4_K: drive<Kern<Q4_K, W16>>(j, n0, n1); break;
-    case Q5_K: drive<Kern<Q5_K, W16>>(j, n0, n1); break;
-    case Q6_K: drive<Kern<Q6_K, W16>>(j, n0, n1); break;
-  }
+  with_type(qtype, [&](auto t) { drive<Kern<decltype(t)::value, W16>>(j, n0, n1); });
 }
 
 void run(const Job& j, int qtype, int64_t n0, int64_t n1) {
@@ -315,13 +304,12 @@ bool quantize_row16(const float* x, int64_t K, int64_t kp, int16_t* q, float* d3
   return probe == 0.f;
 }
 
-// Rows [n0, n1) of W as bfloat16 [N, K] (round to nearest even): the weights a * v + c of
-// each group, as the kernels' `decode` gives them. For the many-row matmuls of CPUs with
-// fast bf16 products (yun/layers/quantized.py): one dequantization per call, reused by
-// every row of x.
-template <int QT>
+// Rows [n0, n1) of W as Out [N, K] (float32, or bfloat16 rounded to nearest even): the
+// weights a * v + c of each group, as the kernels' `decode` gives them. For the many-row
+// matmuls (yun/layers/quantized.py): one dequantization per call, reused by every row of x.
+template <int QT, typename Out>
 void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, int64_t n1,
-                  uint16_t* out) {
+                  Out* out) {
   constexpr int CB = chunk_bytes<QT>();
   constexpr int NG = Format<QT>::groups, GS = kChunk / NG;
   const int64_t nblocks = K / Format<QT>::block, per_chunk = kChunk / Format<QT>::block;
@@ -332,7 +320,7 @@ void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, in
   uint8_t tail[CB];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
-    uint16_t* dst = out + n * K;
+    Out* dst = out + n * K;
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const uint8_t* p = row + ch * CB;
       if (tail_bytes && ch == chunks - 1) {
@@ -344,32 +332,20 @@ void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, in
       const int64_t k0 = ch * kChunk, groups = std::min<int64_t>(kChunk, K - k0) / GS;
       for (int64_t g = 0; g < groups; ++g) {  // K is a multiple of the block, so of GS
         const float ag = a[g], cg = c[g];
-        uint16_t* d = dst + k0 + g * GS;
-        for (int i = 0; i < GS; ++i) {  // no NaN here: finite scales, small integers
-          const float f = ag * static_cast<float>(v[g * GS + i]) + cg;
-          uint32_t u;
-          std::memcpy(&u, &f, 4);
-          d[i] = static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-        }
+        Out* d = dst + k0 + g * GS;
+        for (int i = 0; i < GS; ++i) store_value(ag * static_cast<float>(v[g * GS + i]) + cg, d + i);
       }
     }
   }
 }
 
 void dequant(const uint8_t* w, int64_t rb, int64_t K, int qtype, int64_t n0, int64_t n1,
-             uint16_t* out) {
-  switch (qtype) {
-    case Q4_0: dequant_rows<Q4_0>(w, rb, K, n0, n1, out); break;
-    case Q4_1: dequant_rows<Q4_1>(w, rb, K, n0, n1, out); break;
-    case Q5_0: dequant_rows<Q5_0>(w, rb, K, n0, n1, out); break;
-    case Q5_1: dequant_rows<Q5_1>(w, rb, K, n0, n1, out); break;
-    case Q8_0: dequant_rows<Q8_0>(w, rb, K, n0, n1, out); break;
-    case Q2_K: dequant_rows<Q2_K>(w, rb, K, n0, n1, out); break;
-    case Q3_K: dequant_rows<Q3_K>(w, rb, K, n0, n1, out); break;
-    case Q4_K: dequant_rows<Q4_K>(w, rb, K, n0, n1, out); break;
-    case Q5_K: dequant_rows<Q5_K>(w, rb, K, n0, n1, out); break;
-    case Q6_K: dequant_rows<Q6_K>(w, rb, K, n0, n1, out); break;
-  }
+             void* out, bool f32) {
+  with_type(qtype, [&](auto t) {
+    constexpr int QT = decltype(t)::value;
+    if (f32) dequant_rows<QT>(w, rb, K, n0, n1, static_cast<float*>(out));
+    else dequant_rows<QT>(w, rb, K, n0, n1, static_cast<uint16_t*>(out));
+  });
 }
 
 }  // namespace scalar
@@ -379,8 +355,9 @@ namespace {
 using RunFn = void (*)(const Job&, int, int64_t, int64_t);
 using QuantizeFn = bool (*)(const float*, int64_t, int64_t, int8_t*, float*, float*, float*, float*);
 using Quantize16Fn = bool (*)(const float*, int64_t, int64_t, int16_t*, float*, float*, float*, float*);
-// (w, row_bytes, K, qtype, n0, n1, out): rows [n0, n1) of W as bfloat16 (dequantize_bf16)
-using DequantFn = void (*)(const uint8_t*, int64_t, int64_t, int, int64_t, int64_t, uint16_t*);
+// (w, row_bytes, K, qtype, n0, n1, out, f32): rows [n0, n1) of W as float32 (f32) or
+// bfloat16 (dequantize_f32, dequantize_bf16)
+using DequantFn = void (*)(const uint8_t*, int64_t, int64_t, int, int64_t, int64_t, void*, bool);
 
 struct Path {
   const char* name;
@@ -411,9 +388,9 @@ const Path kPaths[] = {
     {"avx512-vnni", avx512vnni::run, avx2::quantize_row, avx2::quantize_row16, avx512vnni::dequant,
      has_avx512_vnni},
     {"avx512", avx512::run, avx2::quantize_row, avx2::quantize_row16, avx512::dequant, has_avx512},
-    {"avx2-vnni", avx2vnni::run, avx2vnni::quantize_row, avx2vnni::quantize_row16, scalar::dequant,
+    {"avx2-vnni", avx2vnni::run, avx2vnni::quantize_row, avx2vnni::quantize_row16, avx2vnni::dequant,
      has_avx2_vnni},
-    {"avx2", avx2::run, avx2::quantize_row, avx2::quantize_row16, scalar::dequant, has_avx2},
+    {"avx2", avx2::run, avx2::quantize_row, avx2::quantize_row16, avx2::dequant, has_avx2},
 #endif
     {"scalar", scalar::run, scalar::quantize_row, scalar::quantize_row16, scalar::dequant, always},
 };
@@ -437,19 +414,13 @@ const Path& best_path() {
 struct Format_ { int block, bytes; };
 
 Format_ format_of(int64_t qtype) {
-  switch (qtype) {
-    case Q4_0: return {32, 18};
-    case Q4_1: return {32, 20};
-    case Q5_0: return {32, 22};
-    case Q5_1: return {32, 24};
-    case Q8_0: return {32, 34};
-    case Q2_K: return {256, 84};
-    case Q3_K: return {256, 110};
-    case Q4_K: return {256, 144};
-    case Q5_K: return {256, 176};
-    case Q6_K: return {256, 210};
-  }
-  TORCH_CHECK(false, "quantized type ", qtype, " has no native kernel");
+  Format_ out{0, 0};
+  with_type(static_cast<int>(qtype), [&](auto t) {
+    using F = Format<decltype(t)::value>;
+    out = {F::block, F::bytes};
+  });
+  TORCH_CHECK(out.block > 0, "quantized type ", qtype, " has no native kernel");
+  return out;
 }
 
 // How decode (M <= 8) prefetches the weights, by CPU vendor.
@@ -595,11 +566,11 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K,
   return y;
 }
 
-// `isa` picks the code path as in `matmul` ("" = the best this CPU runs). The AVX-512 paths
-// decode 16 values a step; the AVX2 ones run the scalar loop (the many-row bf16 matmuls
-// that call this exist only on AVX-512 CPUs, those with AVX512-BF16 or AMX). Every path
-// gives the same bits.
-torch::Tensor dequantize_bf16(torch::Tensor w, int64_t qtype, int64_t K, const std::string& isa) {
+// W [N, row_bytes] quantized -> [N, K] float32 (f32) or bfloat16, for the many-row matmuls
+// (yun/layers/quantized.py). `isa` picks the code path as in `matmul` ("" = the best this
+// CPU runs): the SIMD paths decode 16 (AVX-512) or 8 (AVX2) values a step, the scalar one
+// one; every path gives the same bits.
+torch::Tensor dequantize(torch::Tensor w, int64_t qtype, int64_t K, const std::string& isa, bool f32) {
   const Format_ f = format_of(qtype);
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(),
               "w must be a contiguous 2-D uint8 CPU tensor [N, row_bytes]");
@@ -607,13 +578,13 @@ torch::Tensor dequantize_bf16(torch::Tensor w, int64_t qtype, int64_t K, const s
   TORCH_CHECK(w.size(1) == K / f.block * f.bytes, "K=", K, " needs ", K / f.block * f.bytes,
               " bytes per row, w has ", w.size(1));
   const int64_t N = w.size(0);
-  torch::Tensor out = torch::empty({N, K}, w.options().dtype(at::kBFloat16));
-  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  torch::Tensor out = torch::empty({N, K}, w.options().dtype(f32 ? at::kFloat : at::kBFloat16));
+  void* dst = out.data_ptr();
   const uint8_t* src = w.data_ptr<uint8_t>();
   const int64_t rb = w.size(1);
   const DequantFn fn = (isa.empty() ? best_path() : find_path(isa)).dequant;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    fn(src, rb, K, static_cast<int>(qtype), n0, n1, dst);
+    fn(src, rb, K, static_cast<int>(qtype), n0, n1, dst, f32);
   });
   return out;
 }
@@ -654,8 +625,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul_address", [] { return reinterpret_cast<int64_t>(&matmul); },
         "the address of `matmul`, for native callers in this process");
   m.def("isas", &isas, "the code paths this CPU runs, best first");
-  m.def("dequantize_bf16", &dequantize_bf16, "W [N, row_bytes] quantized -> bfloat16 [N, K]",
-        py::arg("w"), py::arg("qtype"), py::arg("k"), py::arg("isa") = "");
+  m.def("dequantize_bf16",
+        [](torch::Tensor w, int64_t qtype, int64_t K, const std::string& isa) {
+          return dequantize(w, qtype, K, isa, false);
+        },
+        "W [N, row_bytes] quantized -> bfloat16 [N, K]", py::arg("w"), py::arg("qtype"), py::arg("k"),
+        py::arg("isa") = "");
+  m.def("dequantize_f32",
+        [](torch::Tensor w, int64_t qtype, int64_t K, const std::string& isa) {
+          return dequantize(w, qtype, K, isa, true);
+        },
+        "W [N, row_bytes] quantized -> float32 [N, K]", py::arg("w"), py::arg("qtype"), py::arg("k"),
+        py::arg("isa") = "");
   m.def("quantize_activation", &quantize_activation_for_test,
         "x [M, K] -> (q int8 or int16 [M, Kp], d float32 [M, Kp / 32]) as the kernels quantize it",
         py::arg("x"), py::arg("k"), py::arg("isa"), py::arg("activations") = "int8");

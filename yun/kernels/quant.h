@@ -17,6 +17,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace yunq {
 
@@ -27,6 +28,34 @@ enum QType : int {
 };
 
 constexpr int kChunk = 256;  // weights per chunk, on every path
+
+// f(std::integral_constant<int, QT>{}) for the type `qtype` names: the one switch from a
+// run-time type to the per-type templates, for every path. Not a type: nothing.
+template <typename F>
+inline void with_type(int qtype, F&& f) {
+  switch (qtype) {
+    case Q4_0: f(std::integral_constant<int, Q4_0>{}); break;
+    case Q4_1: f(std::integral_constant<int, Q4_1>{}); break;
+    case Q5_0: f(std::integral_constant<int, Q5_0>{}); break;
+    case Q5_1: f(std::integral_constant<int, Q5_1>{}); break;
+    case Q8_0: f(std::integral_constant<int, Q8_0>{}); break;
+    case Q2_K: f(std::integral_constant<int, Q2_K>{}); break;
+    case Q3_K: f(std::integral_constant<int, Q3_K>{}); break;
+    case Q4_K: f(std::integral_constant<int, Q4_K>{}); break;
+    case Q5_K: f(std::integral_constant<int, Q5_K>{}); break;
+    case Q6_K: f(std::integral_constant<int, Q6_K>{}); break;
+    default: break;
+  }
+}
+
+// A dequantized weight value as stored: float32 as computed, or bfloat16 rounded to
+// nearest even (no NaN arises: finite scales times small integers).
+inline void store_value(float f, float* out) { *out = f; }
+inline void store_value(float f, uint16_t* out) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  *out = static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
 
 // block: values per block; bytes: bytes per block; groups: scale groups per chunk (8 groups
 // of 32 values or 16 of 16).

@@ -398,23 +398,65 @@ bool quantize_row16(const float* x, int64_t K, int64_t kp, int16_t* q, float* d3
 
 template <bool W16>
 void run_mode(const Job& j, int qtype, int64_t n0, int64_t n1) {
-  switch (qtype) {
-    case Q4_0: drive<Kern<Q4_0, W16>>(j, n0, n1); break;
-    case Q4_1: drive<Kern<Q4_1, W16>>(j, n0, n1); break;
-    case Q5_0: drive<Kern<Q5_0, W16>>(j, n0, n1); break;
-    case Q5_1: drive<Kern<Q5_1, W16>>(j, n0, n1); break;
-    case Q8_0: drive<Kern<Q8_0, W16>>(j, n0, n1); break;
-    case Q2_K: drive<Kern<Q2_K, W16>>(j, n0, n1); break;
-    case Q3_K: drive<Kern<Q3_K, W16>>(j, n0, n1); break;
-    case Q4_K: drive<Kern<Q4_K, W16>>(j, n0, n1); break;
-    case Q5_K: drive<Kern<Q5_K, W16>>(j, n0, n1); break;
-    case Q6_K: drive<Kern<Q6_K, W16>>(j, n0, n1); break;
-  }
+  with_type(qtype, [&](auto t) { drive<Kern<decltype(t)::value, W16>>(j, n0, n1); });
 }
 
 void run(const Job& j, int qtype, int64_t n0, int64_t n1) {
   if (j.x.q16) run_mode<true>(j, qtype, n0, n1);
   else run_mode<false>(j, qtype, n0, n1);
+}
+
+// Rows [n0, n1) of W as float32 or bfloat16 (quant.cpp's dequantize): a * v + c per group
+// from the kernels' own decode (Dec), two roundings as in the scalar loop (no fma);
+// bfloat16 then rounds to nearest even. The same bits as the scalar loop, 8 values a step.
+inline void store8(float* dst, __m256 f) { _mm256_storeu_ps(dst, f); }
+inline void store8(uint16_t* dst, __m256 f) {
+  const __m256i bits = _mm256_castps_si256(f);  // no NaN: finite scales, small integers
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd), 16);
+  // r <= 0xFFFF: packus's unsigned saturation keeps it; the two 128-bit halves in order.
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                   _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+
+template <int QT, typename Out>
+void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, int64_t n1,
+                  Out* out) {
+  constexpr int NG = Format<QT>::groups, NV = NG / 8;
+  const int64_t nblocks = K / Format<QT>::block, per_chunk = kChunk / Format<QT>::block;
+  const int64_t chunks = (nblocks + per_chunk - 1) / per_chunk;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    Out* dst = out + n * K;
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const uint8_t* p = row + ch * chunk_bytes<QT>();
+      const int nv = static_cast<int>(std::min<int64_t>(kChunk, K - ch * kChunk) / 32);
+      __m256 a[NV], c[NV];
+      Dec<QT>::scales(p, a, c, per_chunk == 1 ? 8 : nv);
+      for (int s = 0; s < nv; ++s) {
+        const __m256i u = Dec<QT>::vec(p, s);
+        const __m128i half[2] = {_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)};
+        for (int q = 0; q < 4; ++q) {  // values 32s + 8q .. + 8
+          const __m128i b = q & 1 ? _mm_srli_si128(half[q >> 1], 8) : half[q >> 1];
+          const __m256i iv = QT == Q8_0 ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+          const int g = NG == 8 ? s : 2 * s + (q >> 1);  // the group of these 8 values
+          const __m256i lane = _mm256_set1_epi32(g & 7);
+          store8(dst + ch * kChunk + 32 * s + 8 * q,
+                 _mm256_add_ps(_mm256_mul_ps(_mm256_permutevar8x32_ps(a[g >> 3], lane), _mm256_cvtepi32_ps(iv)),
+                               _mm256_permutevar8x32_ps(c[g >> 3], lane)));
+        }
+      }
+    }
+  }
+}
+
+void dequant(const uint8_t* w, int64_t row_bytes, int64_t K, int qtype, int64_t n0, int64_t n1,
+             void* out, bool f32) {
+  with_type(qtype, [&](auto t) {
+    constexpr int QT = decltype(t)::value;
+    if (f32) dequant_rows<QT>(w, row_bytes, K, n0, n1, static_cast<float*>(out));
+    else dequant_rows<QT>(w, row_bytes, K, n0, n1, static_cast<uint16_t*>(out));
+  });
 }
 
 }  // namespace YQ_NS

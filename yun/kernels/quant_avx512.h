@@ -415,18 +415,7 @@ struct Kern {
 
 template <bool W16>
 void run_mode(const Job& j, int qtype, int64_t n0, int64_t n1) {
-  switch (qtype) {
-    case Q4_0: drive<Kern<Q4_0, W16>>(j, n0, n1); break;
-    case Q4_1: drive<Kern<Q4_1, W16>>(j, n0, n1); break;
-    case Q5_0: drive<Kern<Q5_0, W16>>(j, n0, n1); break;
-    case Q5_1: drive<Kern<Q5_1, W16>>(j, n0, n1); break;
-    case Q8_0: drive<Kern<Q8_0, W16>>(j, n0, n1); break;
-    case Q2_K: drive<Kern<Q2_K, W16>>(j, n0, n1); break;
-    case Q3_K: drive<Kern<Q3_K, W16>>(j, n0, n1); break;
-    case Q4_K: drive<Kern<Q4_K, W16>>(j, n0, n1); break;
-    case Q5_K: drive<Kern<Q5_K, W16>>(j, n0, n1); break;
-    case Q6_K: drive<Kern<Q6_K, W16>>(j, n0, n1); break;
-  }
+  with_type(qtype, [&](auto t) { drive<Kern<decltype(t)::value, W16>>(j, n0, n1); });
 }
 
 void run(const Job& j, int qtype, int64_t n0, int64_t n1) {
@@ -434,21 +423,28 @@ void run(const Job& j, int qtype, int64_t n0, int64_t n1) {
   else run_mode<false>(j, qtype, n0, n1);
 }
 
-// Rows [n0, n1) of W as bfloat16 (quant.cpp's dequantize_bf16): a * v + c per group, v the
-// scalar decode's integers (Q8_0 signed, c = 0, also where this path's chunk holds the
-// VNNI offset form), two roundings as there (no fma), then round to nearest even. The same
-// bits as the scalar loop; 16 values per step instead of one.
-template <int QT>
+// Rows [n0, n1) of W as float32 or bfloat16 (quant.cpp's dequantize): a * v + c per group,
+// v the scalar decode's integers (Q8_0 signed, c = 0, also where this path's chunk holds the
+// VNNI offset form), two roundings as there (no fma); bfloat16 then rounds to nearest even.
+// The same bits as the scalar loop; 16 values per step instead of one.
+inline void store16(float* dst, __m512 f) { _mm512_storeu_ps(dst, f); }
+inline void store16(uint16_t* dst, __m512 f) {
+  const __m512i bits = _mm512_castps_si512(f);  // no NaN: finite scales, small integers
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(r));
+}
+
+template <int QT, typename Out>
 void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, int64_t n1,
-                  uint16_t* out) {
+                  Out* out) {
   constexpr int GS = kChunk / Format<QT>::groups;
   const int64_t nblocks = K / Format<QT>::block, per_chunk = kChunk / Format<QT>::block;
   const int64_t chunks = (nblocks + per_chunk - 1) / per_chunk;
-  const __m512i half_ulp = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
   alignas(64) uint8_t u[64];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
-    uint16_t* dst = out + n * K;
+    Out* dst = out + n * K;
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int nb = static_cast<int>(std::min<int64_t>(per_chunk, nblocks - ch * per_chunk));
       Chunk c;
@@ -465,12 +461,9 @@ void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, in
               ? _mm512_cvtepi8_epi32(kOffset ? _mm_xor_si128(b, _mm_set1_epi8(static_cast<char>(0x80))) : b)
               : _mm512_cvtepu8_epi32(b);
           const __m512i g = _mm512_set1_epi32(at / GS);
-          const __m512 f = _mm512_add_ps(_mm512_mul_ps(_mm512_permutexvar_ps(g, c.a), _mm512_cvtepi32_ps(iv)),
-                                         _mm512_permutexvar_ps(g, cs));
-          const __m512i bits = _mm512_castps_si512(f);  // no NaN: finite scales, small integers
-          const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
-          const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, half_ulp), odd), 16);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + ch * kChunk + at), _mm512_cvtepi32_epi16(r));
+          store16(dst + ch * kChunk + at,
+                  _mm512_add_ps(_mm512_mul_ps(_mm512_permutexvar_ps(g, c.a), _mm512_cvtepi32_ps(iv)),
+                                _mm512_permutexvar_ps(g, cs)));
         }
       }
     }
@@ -478,19 +471,12 @@ void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, in
 }
 
 void dequant(const uint8_t* w, int64_t row_bytes, int64_t K, int qtype, int64_t n0, int64_t n1,
-             uint16_t* out) {
-  switch (qtype) {
-    case Q4_0: dequant_rows<Q4_0>(w, row_bytes, K, n0, n1, out); break;
-    case Q4_1: dequant_rows<Q4_1>(w, row_bytes, K, n0, n1, out); break;
-    case Q5_0: dequant_rows<Q5_0>(w, row_bytes, K, n0, n1, out); break;
-    case Q5_1: dequant_rows<Q5_1>(w, row_bytes, K, n0, n1, out); break;
-    case Q8_0: dequant_rows<Q8_0>(w, row_bytes, K, n0, n1, out); break;
-    case Q2_K: dequant_rows<Q2_K>(w, row_bytes, K, n0, n1, out); break;
-    case Q3_K: dequant_rows<Q3_K>(w, row_bytes, K, n0, n1, out); break;
-    case Q4_K: dequant_rows<Q4_K>(w, row_bytes, K, n0, n1, out); break;
-    case Q5_K: dequant_rows<Q5_K>(w, row_bytes, K, n0, n1, out); break;
-    case Q6_K: dequant_rows<Q6_K>(w, row_bytes, K, n0, n1, out); break;
-  }
+             void* out, bool f32) {
+  with_type(qtype, [&](auto t) {
+    constexpr int QT = decltype(t)::value;
+    if (f32) dequant_rows<QT>(w, row_bytes, K, n0, n1, static_cast<float*>(out));
+    else dequant_rows<QT>(w, row_bytes, K, n0, n1, static_cast<uint16_t*>(out));
+  });
 }
 
 }  // namespace YQ_NS

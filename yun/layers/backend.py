@@ -36,22 +36,26 @@ class QuantKernels:
     module: Any  # the compiled extension
     isa: str  # the code path its kernels take, e.g. "avx512-vnni"
     activations: str  # what x is quantized to: "int16" or "int8" blocks of 32
-    # x [M >= many_rows_from, K] bf16 @ w [N, K] bf16 (the weight dequantized): the
-    # many-row path, or None (every row count on the integer kernels). From how many rows
-    # of x it pays depends on the CPU (yun.kernels.quant_many_rows_from).
+    # x [M >= many_rows_from, K] @ w [N, K] (the weight dequantized to many_rows_dtype,
+    # bf16 or float32) -> float32: the many-row path, or None (every row count on the
+    # integer kernels). From how many rows of x it pays, and in which dtype, depends on
+    # the CPU (yun.kernels.quant_many_rows_from, quant_many_rows_dtype).
     many_rows: SkinnyFn | None = None
     many_rows_from: int = 0  # unused without many_rows
+    many_rows_dtype: torch.dtype = torch.bfloat16
 
     @classmethod
     def choose(cls, module: Any, isa: str | None = None,
                activations: str = ACTIVATIONS[0],
                many_rows: SkinnyFn | None = None,
-               many_rows_from: int = 0) -> "QuantKernels":
+               many_rows_from: int = 0,
+               many_rows_dtype: torch.dtype = torch.bfloat16) -> "QuantKernels":
         """`isa` forces one code path ("avx512-vnni", "avx512", "avx2-vnni", "avx2",
         "scalar"); by default the best one this CPU runs. A path the CPU cannot run
         raises ValueError. `activations`: "int16" blocks of 32 (the default: ~1e-5
         relative rounding) or "int8" (llama.cpp's numerics, ~4e-3). `many_rows` takes the
-        matmuls of `many_rows_from` rows or more."""
+        matmuls of `many_rows_from` rows or more, on the weight dequantized to
+        `many_rows_dtype` (bfloat16 or float32)."""
         if activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, "
                              f"got {activations!r}")
@@ -66,11 +70,14 @@ class QuantKernels:
                              f"(this one runs: {', '.join(runnable)})")
         if many_rows is not None and many_rows_from < 1:
             raise ValueError(f"many_rows needs many_rows_from >= 1, got {many_rows_from}")
-        return cls(module, chosen, activations, many_rows, many_rows_from)
+        if many_rows_dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"many_rows_dtype must be bfloat16 or float32, got {many_rows_dtype}")
+        return cls(module, chosen, activations, many_rows, many_rows_from, many_rows_dtype)
 
     @property
     def name(self) -> str:
-        many = f", >= {self.many_rows_from} rows: bf16" if self.many_rows is not None else ""
+        kind = "bf16" if self.many_rows_dtype == torch.bfloat16 else "fp32"
+        many = f", >= {self.many_rows_from} rows: {kind}" if self.many_rows is not None else ""
         return f"{self.isa}/{self.activations}{many}"
 
 

@@ -267,9 +267,10 @@ def quant_matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, k: int,
 
     With the native backend, x is quantized to int16 (or int8) blocks of 32 first, one
     scale each: the result differs from the float32 product by ~1e-5 (int8: ~5e-3)
-    relative (see the tests). From `QuantKernels.many_rows_from` rows on a CPU with fast
-    bf16 products (`QuantKernels.many_rows`), the weight is dequantized to bf16 and x
-    rounded to bf16 (~2e-3 relative per value) for a bf16 GEMM.
+    relative (see the tests). From `QuantKernels.many_rows_from` rows the weight is
+    dequantized once per call for a GEMM (`QuantKernels.many_rows`): on a CPU with fast
+    bf16 products to bf16, with x rounded to bf16 (~2e-3 relative per value); elsewhere to
+    float32, for torch's float32 GEMM (the exact weights, x as it is).
     """
     backend = current().quant
     if (backend is not None and qtype in _NATIVE and x.device.type == "cpu"
@@ -279,8 +280,9 @@ def quant_matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, k: int,
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [M, K]
         try:
             if backend.many_rows is not None and x2.shape[0] >= backend.many_rows_from:
-                w16 = backend.module.dequantize_bf16(data, qtype, k, backend.isa)
-                y = backend.many_rows(x2, w16, bias)  # float32
+                deq = (backend.module.dequantize_bf16 if backend.many_rows_dtype == torch.bfloat16
+                       else backend.module.dequantize_f32)
+                y = backend.many_rows(x2, deq(data, qtype, k, backend.isa), bias)  # float32
             else:
                 y = backend.module.matmul(x2, data, qtype, k, bias, backend.isa,
                                           backend.activations)
