@@ -114,8 +114,8 @@ def prefill_rows(mod, isas: list[str], ms: list[int], types: list[QT],
                  shape: tuple[int, int]) -> None:
     print("\nprefill: GFLOP/s (2*M*N*K / time); 'deq+mm' = dequantize (torch) then fp32 "
           "F.linear, 'fp32' = F.linear on an already dequantized weight, 'f32 many' = the "
-          "native dequantize_f32 then torch's fp32 GEMM (the many-row path of CPUs without "
-          "fast bf16), 'bf16 many' = the native dequantize_bf16 then the bf16 GEMM this CPU "
+          "native matmul_dequant_f32, cache-sized tiles dequantized to fp32 for torch's fp32 "
+          "GEMM (the many-row path of CPUs without fast bf16), 'bf16 many' = the native dequantize_bf16 then the bf16 GEMM this CPU "
           "has (oneDNN on AMX-BF16, vdpbf16ps on AVX512-BF16; '-' where it has none)")
     n, k = shape
     many = kernels.quant_many_rows()
@@ -136,12 +136,11 @@ def prefill_rows(mod, isas: list[str], ms: list[int], types: list[QT],
                 cells.append(f"{flop / t / 1e9:17.1f}")
             t_deq = seconds(lambda: F.linear(x, dequantize(data, qtype, k)))
             t_mm = seconds(lambda: F.linear(x, w))
-            t_f32 = seconds(lambda: kernels._f32_many_rows(
-                x, mod.dequantize_f32(data, int(qtype), k), None))
+            t_f32 = seconds(lambda: kernels._f32_many_rows(mod, x, data, int(qtype), k, None,
+                                                           ""))
             cell = "-"
             if bf16_many is not None:
-                t_many = seconds(lambda: bf16_many(x, mod.dequantize_bf16(data, int(qtype), k),
-                                                   None))
+                t_many = seconds(lambda: bf16_many(mod, x, data, int(qtype), k, None, ""))
                 cell = f"{flop / t_many / 1e9:.1f}"
             print(f"{qtype.name:6} {m:4} " + " ".join(cells)
                   + f" {flop / t_deq / 1e9:8.1f} {flop / t_mm / 1e9:8.1f}"

@@ -16,6 +16,7 @@ import time
 from yun import LLM, SamplingParams
 from yun.bench.workloads import WorkloadOptions, make_workload
 import yun.layers.attention as attention
+import yun.layers.decode_plan as decode_plan
 import yun.layers.linear as linear
 import yun.models.llama as llama
 
@@ -47,20 +48,49 @@ def main() -> None:
         return run
 
     runner = llm.engine.runner
-    kernels = runner.backend.bf16
-    if kernels is None:
-        raise SystemExit("native bf16 kernels are not in use (dtype, CPU or build)")
-    few, many = kernels
+    kernels, quant = runner.backend.bf16, runner.backend.quant
+    if kernels is None and quant is None:
+        raise SystemExit("neither native bf16 nor quantized kernels are in use (dtype, CPU "
+                         "or build)")
 
-    def matmul(x, w, b):
-        rows = x.shape[0]
+    def rows_kind(rows: int, n: int) -> str:
         kind = "gemv (<= 4 rows)" if rows <= linear.SKINNY_MAX_ROWS else (
             "gemm 5-64 rows" if rows <= 64 else "gemm > 64 rows")
-        if w.shape[0] > 100_000:
-            kind = "vocabulary head, " + kind
-        return timed(kind, few if rows <= linear.SKINNY_MAX_ROWS else many)(x, w, b)
+        return ("vocabulary head, " + kind) if n > 40_000 else kind
 
-    runner.backend = dataclasses.replace(runner.backend, bf16=(matmul, matmul))
+    if kernels is not None:
+        few, many = kernels
+
+        def matmul(x, w, b):
+            rows = x.shape[0]
+            fn = few if rows <= linear.SKINNY_MAX_ROWS else many
+            return timed(rows_kind(rows, w.shape[0]), fn)(x, w, b)
+
+        runner.backend = dataclasses.replace(runner.backend, bf16=(matmul, matmul))
+    if quant is not None:  # the integer kernels, and the many-row GEMM after dequantizing
+        module = quant.module
+
+        class Timed:
+            def matmul(self, x, w, qtype, k, *rest):
+                name = f"quantized {rows_kind(x.shape[0], w.shape[0])}, integer kernels"
+                return timed(name, module.matmul)(x, w, qtype, k, *rest)
+
+            def dequantize_bf16(self, *a):
+                return timed("  dequantize (many rows), bf16", module.dequantize_bf16)(*a)
+
+            def dequantize_f32(self, *a):
+                return timed("  dequantize (many rows), fp32", module.dequantize_f32)(*a)
+
+            def __getattr__(self, name):
+                return getattr(module, name)
+
+        def many_rows(x, w, b):
+            name = f"quantized {rows_kind(x.shape[0], w.shape[0])}, GEMM after dequantizing"
+            return timed(name, quant.many_rows)(x, w, b)
+
+        runner.backend = dataclasses.replace(runner.backend, quant=dataclasses.replace(
+            quant, module=Timed(), many_rows=many_rows if quant.many_rows else None))
+        decode_plan.run_layers = timed("decode plan (whole native steps)", decode_plan.run_layers)
     llama.qkv_attention = timed("attention (rotary, cache write, attention)",
                                 attention.qkv_attention)
     attention.paged_attention = timed("  of which paged_attention", attention.paged_attention)

@@ -3,6 +3,7 @@ native integer kernels against float64 references, and the dispatch between them
 
 from __future__ import annotations
 
+import functools
 import gguf
 import numpy as np
 import pytest
@@ -440,24 +441,29 @@ def test_dequantize_gives_the_same_bits_on_every_path(qtype):
         native.dequantize_bf16(data, qtype, k, "avx1024")
 
 
+def _reference_bf16_gemm(x, w, b):  # what a bf16 GEMM computes, on any CPU
+    return torch.nn.functional.linear(x.bfloat16().float(), w.float(), b)
+
+
 @needs_native
 @pytest.mark.parametrize("start", [kernels.AMX_MANY_ROWS_FROM, kernels.DOT_MANY_ROWS_FROM])
 def test_many_rows_take_the_bf16_gemm_from_the_threshold(start):
     calls = []
-    gemm = kernels.quant_many_rows()
+    fast = kernels.quant_many_rows_dtype() == torch.bfloat16  # this CPU has a bf16 GEMM
+    many = kernels.quant_many_rows() if fast else functools.partial(
+        kernels._bf16_many_rows, _reference_bf16_gemm)
 
-    def spy(x, w, b):
-        calls.append((x.shape[0], w.dtype))
-        if gemm is not None:
-            return gemm(x, w, b)
-        return torch.nn.functional.linear(x.bfloat16().float(), w.float(), b)
+    def spy(module, x, data, qtype, k, b, isa):
+        calls.append((x.shape[0], isa))
+        return many(module, x, data, qtype, k, b, isa)
 
     qtype, n, k = QT.Q4_K, 40, 512
     data = torch.from_numpy(random_weight(qtype, n, k, seed=3))
     bias = torch.randn(n)
     w64 = torch.from_numpy(gguf_dequantize(data.numpy(), qtype)).double()
-    with use_backend(Backend(quant=QuantKernels.choose(native, many_rows=spy,
-                                                       many_rows_from=start))):
+    quant = QuantKernels.choose(native, many_rows=spy, many_rows_from=start)
+    assert quant.name.endswith(f", >= {start} rows: bf16")
+    with use_backend(Backend(quant=quant)):
         for rows in (start - 1, start, 300):
             x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
             y = qmod.quant_matmul(x, data, qtype, k, bias)
@@ -466,7 +472,7 @@ def test_many_rows_take_the_bf16_gemm_from_the_threshold(start):
             scale = (x.double().abs() @ w64.abs().T).max()
             # bf16 rounding of x and of w: ~2^-9 relative each, summed over K products
             assert (y.double() - want).abs().max() <= 2 ** -7 * scale
-    assert calls == [(start, torch.bfloat16), (300, torch.bfloat16)]
+    assert calls == [(start, PATHS[0]), (300, PATHS[0])]
     with pytest.raises(ValueError, match="many_rows_from"):
         QuantKernels.choose(native, many_rows=spy)  # a many-row path needs its threshold
 
@@ -475,12 +481,12 @@ def test_many_rows_take_the_bf16_gemm_from_the_threshold(start):
 def test_many_rows_take_the_fp32_gemm_on_the_exact_weight():
     """CPUs without fast bf16 products: from the threshold on, the weight is dequantized to
     float32 (the native kernels' map) and x stays as it is: float32 GEMM accuracy, far
-    below the int16 kernels' rounding of x, and the same result as F.linear on it."""
+    below the int16 kernels' rounding of x."""
     calls = []
 
-    def spy(x, w, b):
-        calls.append((x.shape[0], w.dtype))
-        return kernels._f32_many_rows(x, w, b)
+    def spy(module, x, data, qtype, k, b, isa):
+        calls.append(x.shape[0])
+        return kernels._f32_many_rows(module, x, data, qtype, k, b, isa)
 
     qtype, n, k = QT.Q5_0, 24, 224
     data = torch.from_numpy(random_weight(qtype, n, k, seed=4))
@@ -496,15 +502,36 @@ def test_many_rows_take_the_fp32_gemm_on_the_exact_weight():
             want = x.double() @ w64.T + bias.double()
             err = ((y.double() - want).abs().max() / want.abs().max()).item()
             assert err <= (1e-3 if rows < 16 else 1e-5), (rows, err)  # int16 x, or exact x
-            if rows >= 16:
-                w = native.dequantize_f32(data, qtype, k)
-                assert torch.equal(y, torch.nn.functional.linear(x, w, bias))
         y16 = qmod.quant_matmul(torch.randn(16, k).bfloat16(), data, qtype, k)
         assert y16.dtype == torch.bfloat16  # x's dtype back
-    assert calls == [(16, torch.float32), (40, torch.float32), (16, torch.float32)]
+    assert calls == [16, 40, 16]
     with pytest.raises(ValueError, match="many_rows_dtype"):
         QuantKernels.choose(native, many_rows=spy, many_rows_from=4,
                             many_rows_dtype=torch.float16)
+
+
+@needs_native
+@pytest.mark.parametrize("qtype,n,k", [(QT.Q8_0, 3001, 96), (QT.Q6_K, 77, 512),
+                                       (QT.Q4_1, 5, 4096)], ids=lambda v: str(v))
+def test_tiled_fp32_matmul_is_f_linear_on_the_dequantized_weight(qtype, n, k):
+    """matmul_dequant_f32 dequantizes cache-sized tiles of rows (many tiles for a tall W
+    and a last short one, one tile for a short one) on every path: F.linear's result on
+    the whole fp32 weight, to float32 rounding, with and without a bias; x in bf16 too."""
+    data = torch.from_numpy(random_weight(qtype, n, k, seed=n))
+    x = torch.randn(19, k, generator=torch.Generator().manual_seed(k))
+    bias = torch.randn(n)
+    w = native.dequantize_f32(data, qtype, k)
+    for b in (None, bias):
+        want = torch.nn.functional.linear(x, w, b)
+        for path in PATHS:
+            got = native.matmul_dequant_f32(x, data, qtype, k, b, path)
+            assert got.dtype == torch.float32 and got.shape == (19, n)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    got = native.matmul_dequant_f32(x.bfloat16(), data, qtype, k, None)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x.bfloat16().float(), w),
+                               rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="bias must have N"):
+        native.matmul_dequant_f32(x, data, qtype, k, torch.randn(n + 1))
 
 
 def test_many_row_path_is_chosen_by_the_cpus_bf16_hardware():
@@ -518,16 +545,18 @@ def test_many_row_path_is_chosen_by_the_cpus_bf16_hardware():
                         (frozenset(), "scalar")):
         assert kernels.quant_many_rows_from(feats) == kernels.FP32_MANY_ROWS_FROM[path]
     assert kernels.quant_many_rows_from(frozenset()) == 1  # the scalar kernels never pay
-    assert kernels.quant_many_rows(features=base | {"amx_bf16", "avx512_bf16"}) \
-        is kernels._amx_many_rows
+    amx = kernels.quant_many_rows(features=base | {"amx_bf16", "avx512_bf16"})
+    assert amx.func is kernels._bf16_many_rows and amx.args == (kernels._amx_gemm,)
     assert kernels.quant_many_rows_dtype(base | {"amx_bf16"}) == torch.bfloat16
     assert kernels.quant_many_rows("avx2", features=base | {"avx512_bf16"}) \
         is kernels._f32_many_rows
     mod = kernels.native("avx512")
-    if mod is not None and mod.gemm_bf16_has_dot():
+    if mod is not None and mod.gemm_bf16_has_dot() and native is not None:
         fn = kernels.quant_many_rows(features=base | {"avx512_bf16"})
-        x, w = torch.randn(9, 64), torch.randn(5, 64).bfloat16()
-        assert torch.equal(fn(x, w, None), mod.gemm_bf16_kernel(x, w, None, "dot"))
+        x, data = torch.randn(9, 64), torch.from_numpy(random_weight(QT.Q8_0, 5, 64))
+        w = native.dequantize_bf16(data, QT.Q8_0, 64)
+        assert torch.equal(fn(native, x, data, QT.Q8_0, 64, None, ""),
+                           mod.gemm_bf16_kernel(x, w, None, "dot"))
     # AMX's GEMM pays for the dequantization from fewer rows than vdpbf16ps's
     assert kernels.quant_many_rows_from(base | {"amx_bf16", "avx512_bf16"}) \
         == kernels.AMX_MANY_ROWS_FROM < kernels.quant_many_rows_from(base | {"avx512_bf16"}) \

@@ -168,24 +168,30 @@ def bf16_many_rows(native_gemm: MatmulFn, features: frozenset[str] | None = None
     return torch.nn.functional.linear if "amx_bf16" in feats else native_gemm
 
 
+# (module, x [M, K], data [N, row_bytes], qtype, k, bias | None, isa) -> float32 [M, N]: a
+# quantized matmul of many rows, with the quantized-kernel module and code path it runs.
+ManyRowsFn = Callable[[object, torch.Tensor, torch.Tensor, int, int, torch.Tensor | None, str],
+                      torch.Tensor]
+
+
 def quant_many_rows(isa: str | None = None,
-                    features: frozenset[str] | None = None) -> MatmulFn:
-    """The GEMM a quantized matmul of many rows (prefill, batched decode) runs after
-    dequantizing its weight once per call (to quant_many_rows_dtype): where this CPU
-    multiplies bf16 fast, torch's (oneDNN) on AMX-BF16 or the native vdpbf16ps GEMM on
-    AVX512-BF16, on a bf16 weight with x rounded to bf16; elsewhere torch's float32 GEMM
-    (MKL / oneDNN) on a float32 weight: on an AVX2 CPU it runs about twice as fast as the
-    integer kernels (see FP32_MANY_ROWS_FROM). It takes x in any float dtype and returns the
-    product in float32."""
+                    features: frozenset[str] | None = None) -> ManyRowsFn:
+    """How a quantized matmul of many rows (prefill, batched decode) runs on this CPU: the
+    weight dequantized once per call, then a GEMM. Where this CPU multiplies bf16 fast, to
+    bf16 for torch's GEMM (oneDNN) on AMX-BF16 or the native vdpbf16ps one on AVX512-BF16,
+    x rounded to bf16; elsewhere to float32, a cache-sized tile at a time, for torch's
+    float32 GEMM (MKL / oneDNN: on an AVX2 CPU about twice the integer kernels' speed, see
+    FP32_MANY_ROWS_FROM), x as it is. The product comes back in float32."""
     from yun.kernels.cpu import cpu_features
 
     feats = cpu_features() if features is None else features
     if "amx_bf16" in feats:
-        return _amx_many_rows
+        return functools.partial(_bf16_many_rows, _amx_gemm)
     if "avx512_bf16" in feats and isa in (None, "avx512"):
         mod = native("avx512")
         if mod is not None and mod.gemm_bf16_has_dot():
-            return functools.partial(_dot_many_rows, mod.gemm_bf16_kernel)
+            return functools.partial(_bf16_many_rows,
+                                     functools.partial(_dot_gemm, mod.gemm_bf16_kernel))
     return _f32_many_rows
 
 
@@ -224,22 +230,28 @@ def quant_many_rows_from(features: frozenset[str] | None = None,
 
 def quant_many_rows_dtype(features: frozenset[str] | None = None,
                           isa: str | None = None) -> torch.dtype:
-    """The dtype quant_many_rows' GEMM takes the dequantized weight in."""
+    """The dtype quant_many_rows dequantizes the weight to."""
     return torch.float32 if quant_many_rows(isa, features) is _f32_many_rows else torch.bfloat16
 
 
-def _dot_many_rows(gemm: Callable[..., torch.Tensor], x: torch.Tensor, w: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
+def _bf16_many_rows(gemm: MatmulFn, module: object, x: torch.Tensor, data: torch.Tensor,
+                    qtype: int, k: int, bias: torch.Tensor | None, isa: str) -> torch.Tensor:
+    return gemm(x, module.dequantize_bf16(data, qtype, k, isa), bias)
+
+
+def _f32_many_rows(module: object, x: torch.Tensor, data: torch.Tensor, qtype: int, k: int,
+                   bias: torch.Tensor | None, isa: str) -> torch.Tensor:
+    return module.matmul_dequant_f32(x, data, qtype, k, bias, isa)
+
+
+def _dot_gemm(gemm: Callable[..., torch.Tensor], x: torch.Tensor, w: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
     return gemm(x.float(), w, bias, "dot")  # float32 out: no rounding of y to bf16
 
 
-def _amx_many_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _amx_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     y = torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
     return y if bias is None else y + bias.float()
-
-
-def _f32_many_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
 
 
 def elementwise(isa: str | None = None) -> object | None:

@@ -589,6 +589,48 @@ torch::Tensor dequantize(torch::Tensor w, int64_t qtype, int64_t K, const std::s
   return out;
 }
 
+// x [M, K] @ W.T + bias -> float32 [M, N], W dequantized to float32 a tile of rows at a
+// time into a buffer of the thread's own (cache-sized, reused from call to call), each
+// tile then multiplied by torch's float32 GEMM (MKL / oneDNN, single-threaded inside the
+// tile loop). The many-row path of CPUs without fast bf16 products: the same products as
+// dequantize_f32 then F.linear, without writing the whole float32 weight to memory and
+// reading it back (SmolLM2's vocabulary head: 113 MB per call) or faulting in fresh pages
+// for it on every call.
+torch::Tensor matmul_dequant_f32(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K,
+                                 c10::optional<torch::Tensor> bias, const std::string& isa) {
+  check_inputs(x, w, qtype, K);
+  const DequantFn fn = (isa.empty() ? best_path() : find_path(isa)).dequant;
+  const torch::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), N = w.size(0), rb = w.size(1);
+  torch::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "bias must have N=", N, " values");
+    bf = bias->to(at::kFloat).contiguous();
+  }
+  torch::Tensor y = torch::empty({M, N}, xf.options());
+  // Tiles of at most ~1 MB of float32 weight (an L2's share), a whole number of them per
+  // thread, rows a multiple of 8.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t max_rows = std::max<int64_t>(8, (int64_t{1} << 18) / K / 8 * 8);
+  const int64_t want = threads * ((N + threads * max_rows - 1) / (threads * max_rows));
+  const int64_t tile = std::max<int64_t>(8, ((N + want - 1) / want + 7) / 8 * 8);
+  const int64_t tiles = (N + tile - 1) / tile;
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> buf;
+    if (buf.size() < static_cast<size_t>(tile * K)) buf.resize(tile * K);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * tile, rows = std::min(N, n0 + tile) - n0;
+      fn(src + n0 * rb, rb, K, static_cast<int>(qtype), 0, rows, buf.data(), true);
+      const torch::Tensor wt = torch::from_blob(buf.data(), {rows, K}, xf.options());
+      torch::Tensor out = y.narrow(1, n0, rows);  // row stride N: BLAS writes it in place
+      if (bf.defined()) at::addmm_out(out, bf.narrow(0, n0, rows), xf, wt.t());
+      else at::mm_out(out, xf, wt.t());
+    }
+  });
+  return y;
+}
+
 std::vector<std::string> isas() {
   std::vector<std::string> out;
   for (const Path& p : kPaths)
@@ -625,6 +667,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul_address", [] { return reinterpret_cast<int64_t>(&matmul); },
         "the address of `matmul`, for native callers in this process");
   m.def("isas", &isas, "the code paths this CPU runs, best first");
+  m.def("matmul_dequant_f32", &matmul_dequant_f32,
+        "x @ W.T (+ bias) -> float32, W dequantized to float32 a cache-sized tile at a time for "
+        "torch's float32 GEMM", py::arg("x"), py::arg("w"), py::arg("qtype"), py::arg("k"),
+        py::arg("bias"), py::arg("isa") = "");
   m.def("dequantize_bf16",
         [](torch::Tensor w, int64_t qtype, int64_t K, const std::string& isa) {
           return dequantize(w, qtype, K, isa, false);

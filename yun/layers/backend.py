@@ -36,18 +36,19 @@ class QuantKernels:
     module: Any  # the compiled extension
     isa: str  # the code path its kernels take, e.g. "avx512-vnni"
     activations: str  # what x is quantized to: "int16" or "int8" blocks of 32
-    # x [M >= many_rows_from, K] @ w [N, K] (the weight dequantized to many_rows_dtype,
-    # bf16 or float32) -> float32: the many-row path, or None (every row count on the
-    # integer kernels). From how many rows of x it pays, and in which dtype, depends on
-    # the CPU (yun.kernels.quant_many_rows_from, quant_many_rows_dtype).
-    many_rows: SkinnyFn | None = None
+    # The many-row path (yun.kernels.quant_many_rows: the weight dequantized once per call
+    # to many_rows_dtype, bf16 or float32, then a GEMM), called as
+    # many_rows(module, x [M >= many_rows_from, K], data, qtype, k, bias, isa) -> float32;
+    # or None (every row count on the integer kernels). From how many rows it pays, and in
+    # which dtype, depends on the CPU (yun.kernels.quant_many_rows_from, _dtype).
+    many_rows: Callable[..., torch.Tensor] | None = None
     many_rows_from: int = 0  # unused without many_rows
     many_rows_dtype: torch.dtype = torch.bfloat16
 
     @classmethod
     def choose(cls, module: Any, isa: str | None = None,
                activations: str = ACTIVATIONS[0],
-               many_rows: SkinnyFn | None = None,
+               many_rows: Callable[..., torch.Tensor] | None = None,
                many_rows_from: int = 0,
                many_rows_dtype: torch.dtype = torch.bfloat16) -> "QuantKernels":
         """`isa` forces one code path ("avx512-vnni", "avx512", "avx2-vnni", "avx2",

@@ -280,9 +280,8 @@ def quant_matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, k: int,
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [M, K]
         try:
             if backend.many_rows is not None and x2.shape[0] >= backend.many_rows_from:
-                deq = (backend.module.dequantize_bf16 if backend.many_rows_dtype == torch.bfloat16
-                       else backend.module.dequantize_f32)
-                y = backend.many_rows(x2, deq(data, qtype, k, backend.isa), bias)  # float32
+                y = backend.many_rows(backend.module, x2, data, qtype, k, bias,
+                                      backend.isa)  # float32
             else:
                 y = backend.module.matmul(x2, data, qtype, k, bias, backend.isa,
                                           backend.activations)
