@@ -76,17 +76,14 @@ def main() -> None:
                 return timed(name, module.matmul)(x, w, qtype, k, *rest)
 
             def dequantize_bf16(self, *a):
-                return timed("  dequantize (many rows), bf16", module.dequantize_bf16)(*a)
-
-            def dequantize_f32(self, *a):
-                return timed("  dequantize (many rows), fp32", module.dequantize_f32)(*a)
+                return timed("  of which dequantize to bf16", module.dequantize_bf16)(*a)
 
             def __getattr__(self, name):
                 return getattr(module, name)
 
-        def many_rows(x, w, b):
-            name = f"quantized {rows_kind(x.shape[0], w.shape[0])}, GEMM after dequantizing"
-            return timed(name, quant.many_rows)(x, w, b)
+        def many_rows(mod, x, data, *rest):
+            name = f"quantized {rows_kind(x.shape[0], data.shape[0])}, dequantize + GEMM"
+            return timed(name, quant.many_rows)(mod, x, data, *rest)
 
         runner.backend = dataclasses.replace(runner.backend, quant=dataclasses.replace(
             quant, module=Timed(), many_rows=many_rows if quant.many_rows else None))

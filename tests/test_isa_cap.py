@@ -69,25 +69,28 @@ def test_an_avx2_cap_on_an_avx512_cpu_takes_every_avx2_choice(monkeypatch):
         assert QuantKernels.choose(module).isa == "avx512"
 
 
+# A prompt of 40 tokens: its prefill takes the many-row path (fp32 GEMM under the cap).
 _CHILD = """
 import json, sys, torch
 from yun import LLM, SamplingParams
-llm = LLM(sys.argv[1], dtype="float32", quantization="q8_0", num_threads=1)
-out = llm.generate(["hello world"], SamplingParams(max_tokens=6, temperature=0.0))
+llm = LLM(sys.argv[1], dtype="float32", quantization="q8_0", num_threads=2,
+          native_kernels=sys.argv[2] == "native")
+prompt = {"prompt_token_ids": [(7 * i + 3) % 200 for i in range(40)]}
+out = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0))
 print(json.dumps({"describe": llm.engine.runner.describe(),
                   "torch": torch.backends.cpu.get_cpu_capability(),
                   "tokens": list(out[0].outputs[0].token_ids)}))
 """
 
 
-def _engine_in_a_child(path: str, cap: str | None) -> dict:
+def _engine_in_a_child(path: str, cap: str | None, native: bool = True) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in (isa_cap.ENV, "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
                         "MKL_ENABLE_INSTRUCTIONS")}
     if cap is not None:
         env[isa_cap.ENV] = cap
-    done = subprocess.run([sys.executable, "-c", _CHILD, path], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", _CHILD, path, "native" if native else "torch"],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -104,8 +107,11 @@ def test_an_engine_under_an_avx2_cap_runs_the_avx2_kernels_and_torch_at_avx2(qwe
     full = _engine_in_a_child(qwen2_path, None)
     assert "capped" not in full["describe"] and "native build: avx512" in full["describe"]
     assert full["torch"] != "AVX2"
-    # The int16-activation kernels of both ISAs round alike: the same greedy tokens.
-    assert capped["tokens"] == full["tokens"] and len(full["tokens"]) == 6
+    # The prefill's fp32 GEMM on the exact weights and the decode's int16-activation
+    # kernels: the greedy tokens of torch's dequantize-then-float32 path.
+    reference = _engine_in_a_child(qwen2_path, None, native=False)
+    assert "quantized matmul: torch" in reference["describe"]
+    assert capped["tokens"] == reference["tokens"] and len(capped["tokens"]) == 6
 
 
 def test_importing_yun_leaves_torch_alone_without_a_cap():

@@ -530,6 +530,12 @@ def test_tiled_fp32_matmul_is_f_linear_on_the_dequantized_weight(qtype, n, k):
     got = native.matmul_dequant_f32(x.bfloat16(), data, qtype, k, None)
     torch.testing.assert_close(got, torch.nn.functional.linear(x.bfloat16().float(), w),
                                rtol=1e-5, atol=1e-4)
+    with torch.inference_mode():  # as in an engine: y is an inference tensor on every thread
+        x_inf, bias_inf = x.clone(), bias.clone()
+        got = native.matmul_dequant_f32(x_inf, data, qtype, k, bias_inf)
+        assert got.is_inference()
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w, bias), rtol=1e-5,
+                               atol=1e-4)
     with pytest.raises(RuntimeError, match="bias must have N"):
         native.matmul_dequant_f32(x, data, qtype, k, torch.randn(n + 1))
 

@@ -616,7 +616,11 @@ torch::Tensor matmul_dequant_f32(torch::Tensor x, torch::Tensor w, int64_t qtype
   const int64_t tile = std::max<int64_t>(8, ((N + want - 1) / want + 7) / 8 * 8);
   const int64_t tiles = (N + tile - 1) / tile;
   const uint8_t* src = w.data_ptr<uint8_t>();
+  // InferenceMode is per thread: torch's pool threads take the caller's, or an engine's
+  // inference tensors (y) could not be written by the GEMMs there.
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    c10::InferenceMode mode(inference);
     thread_local std::vector<float> buf;
     if (buf.size() < static_cast<size_t>(tile * K)) buf.resize(tile * K);
     for (int64_t t = t0; t < t1; ++t) {
