@@ -203,15 +203,16 @@ def quant_many_rows(isa: str | None = None,
 # 300-340 at 32, 470-560 at 64.
 DOT_MANY_ROWS_FROM = 128
 AMX_MANY_ROWS_FROM = 32
-# torch's float32 GEMM on the native dequantize_f32's weight, by the quantized path the
-# CPU takes (yun.kernels.cpu.quant_path), against its int16 kernels (Intel Xeon with AMX,
-# 2 threads, capped with YUN_MAX_CPU_ISA so that torch's libraries are too; SmolLM2-135M's
-# MLP shapes, Q8_0 Q5_0 Q4_K Q6_K; scripts/bench_quant.py, GFLOP/s):
-#   avx2: 88-101 against 112-115 at M = 16, 73-74 against 93-121 at 8;
-#   avx2-vnni: 113-119 against 94-121 at 16 (even), 144-151 against 97-117 at 32;
-#   avx512-vnni (no BF16): 145-188 against 147-164 at 32 (even), 205-217 against 132-171 at 64;
+# The float32 path (quant.cpp's matmul_dequant_f32: the weight dequantized to float32, then
+# torch's float32 GEMM) against the int16 kernels, by the quantized path the CPU takes
+# (yun.kernels.cpu.quant_path). Intel Xeon with AMX, 2 threads, capped with YUN_MAX_CPU_ISA
+# (torch's libraries too), SmolLM2-135M's MLP shapes, Q8_0 Q5_0 Q4_K Q6_K,
+# scripts/bench_quant.py, GFLOP/s float32 path / int16 kernels:
+#   avx2: 112-115 / 88-102 at M = 16; 72-74 / 93-121 at M = 8;
+#   avx2-vnni: 112-119 / 94-121 at 16 (even); 144-151 / 97-117 at 32;
+#   avx512-vnni (no BF16): 145-188 / 147-164 at 32 (even); 206-217 / 132-171 at 64;
 #   avx512 (no VNNI): not measured, taken as between the two;
-#   scalar (no AVX2, and aarch64): 17-18 against 1.7-2.4 at M = 1.
+#   scalar (no AVX2; aarch64): 17-18 / 1.7-2.4 at M = 1.
 FP32_MANY_ROWS_FROM = {"avx512-vnni": 64, "avx512": 32, "avx2-vnni": 32, "avx2": 16, "scalar": 1}
 
 
