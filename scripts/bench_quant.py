@@ -115,8 +115,9 @@ def prefill_rows(mod, isas: list[str], ms: list[int], types: list[QT],
     print("\nprefill: GFLOP/s (2*M*N*K / time); 'deq+mm' = dequantize (torch) then fp32 "
           "F.linear, 'fp32' = F.linear on an already dequantized weight, 'f32 many' = the "
           "native matmul_dequant_f32, cache-sized tiles dequantized to fp32 for torch's fp32 "
-          "GEMM (the many-row path of CPUs without fast bf16), 'bf16 many' = the native dequantize_bf16 then the bf16 GEMM this CPU "
-          "has (oneDNN on AMX-BF16, vdpbf16ps on AVX512-BF16; '-' where it has none)")
+          "GEMM (the many-row path of CPUs without fast bf16), 'bf16 many' = the native "
+          "dequantize_bf16 then the bf16 GEMM this CPU has (oneDNN on AMX-BF16, vdpbf16ps "
+          "on AVX512-BF16; '-' where it has none)")
     n, k = shape
     many = kernels.quant_many_rows()
     bf16_many = many if kernels.quant_many_rows_dtype() == torch.bfloat16 else None

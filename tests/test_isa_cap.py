@@ -114,6 +114,20 @@ def test_an_engine_under_an_avx2_cap_runs_the_avx2_kernels_and_torch_at_avx2(qwe
     assert capped["tokens"] == reference["tokens"] and len(capped["tokens"]) == 6
 
 
+def test_an_unknown_level_is_a_clear_error_at_the_first_kernel_choice(qwen2_path):
+    env = {**os.environ, isa_cap.ENV: "avx3"}
+    code = "import yun; print('imported')"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "imported"  # --help still works
+    done = subprocess.run([sys.executable, "-m", "yun", "generate", "--model", qwen2_path, "hi",
+                           "--max-tokens", "2"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "yun: error: YUN_MAX_CPU_ISA='avx3': use one of scalar, avx2" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_importing_yun_leaves_torch_alone_without_a_cap():
     env = {k: v for k, v in os.environ.items() if k != isa_cap.ENV}
     code = ("import os, yun; print(os.environ.get('ONEDNN_MAX_CPU_ISA', '-'), "

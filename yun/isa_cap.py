@@ -74,8 +74,13 @@ def cap(features: frozenset[str], arm: bool = False) -> frozenset[str]:
 
 def apply_to_torch() -> None:
     """Sets torch's libraries' ISA variables for the cap (those not set already). Called
-    when `yun` is imported; it has no effect on a torch that has run a kernel already."""
-    level = max_isa()
+    when `yun` is imported; it has no effect on a torch that has run a kernel already. An
+    unknown level sets nothing here: the first kernel choice raises its ValueError (so
+    `yun --help` still runs, and a command reports it as `yun: error: ...`)."""
+    try:
+        level = max_isa()
+    except ValueError:
+        return
     if level is None or level not in _TORCH_CAPS:
         return
     for var, value in zip(("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
