@@ -84,9 +84,7 @@ print(json.dumps({"describe": llm.engine.runner.describe(),
 
 
 def _engine_in_a_child(path: str, cap: str | None, native: bool = True) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in (isa_cap.ENV, "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
-                        "MKL_ENABLE_INSTRUCTIONS")}
+    env = {k: v for k, v in os.environ.items() if k not in (isa_cap.ENV, *isa_cap.TORCH_VARS)}
     if cap is not None:
         env[isa_cap.ENV] = cap
     done = subprocess.run([sys.executable, "-c", _CHILD, path, "native" if native else "torch"],

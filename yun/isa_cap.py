@@ -28,8 +28,9 @@ _ADDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 LEVELS = tuple(name for name, _ in _ADDS)
 
-# What torch's libraries are told at each level: (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY,
-# MKL_ENABLE_INSTRUCTIONS). "amx" leaves them alone.
+# The variables torch's libraries read, and what each is told at each level ("amx" leaves
+# them alone).
+TORCH_VARS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 _TORCH_CAPS = {
     "scalar": ("SSE41", "default", "SSE4_2"),
     "avx2": ("AVX2", "avx2", "AVX2"),
@@ -83,6 +84,5 @@ def apply_to_torch() -> None:
         return
     if level is None or level not in _TORCH_CAPS:
         return
-    for var, value in zip(("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
-                           "MKL_ENABLE_INSTRUCTIONS"), _TORCH_CAPS[level]):
+    for var, value in zip(TORCH_VARS, _TORCH_CAPS[level]):
         os.environ.setdefault(var, value)

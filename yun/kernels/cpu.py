@@ -87,10 +87,16 @@ def cpu_model_name() -> str:
     return name
 
 
+def quant_paths(features: frozenset[str] | None = None) -> list[str]:
+    """The quantized matmul paths a CPU with these features runs, best first (default:
+    this CPU, less what YUN_MAX_CPU_ISA removes); "scalar" is always last."""
+    have = cpu_features() if features is None else features
+    return [name for name, needs in QUANT_PATHS if all(f in have for f in needs)]
+
+
 def quant_path(features: frozenset[str] | None = None) -> str:
     """The quantized matmul path a CPU with these features takes (default: this CPU)."""
-    have = cpu_features() if features is None else features
-    return next(name for name, needs in QUANT_PATHS if all(f in have for f in needs))
+    return quant_paths(features)[0]
 
 
 def describe(quant: str | None = None) -> str:

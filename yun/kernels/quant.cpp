@@ -341,10 +341,8 @@ void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, in
 
 void dequant(const uint8_t* w, int64_t rb, int64_t K, int qtype, int64_t n0, int64_t n1,
              void* out, bool f32) {
-  with_type(qtype, [&](auto t) {
-    constexpr int QT = decltype(t)::value;
-    if (f32) dequant_rows<QT>(w, rb, K, n0, n1, static_cast<float*>(out));
-    else dequant_rows<QT>(w, rb, K, n0, n1, static_cast<uint16_t*>(out));
+  with_type_and_out(qtype, out, f32, [&](auto t, auto* dst) {
+    dequant_rows<decltype(t)::value>(w, rb, K, n0, n1, dst);
   });
 }
 
@@ -404,8 +402,10 @@ const Path& find_path(const std::string& isa) {
   TORCH_CHECK(false, "unknown quantized matmul path '", isa, "'");
 }
 
-// The first path this CPU runs (the list ends with the scalar one, which runs anywhere).
-const Path& best_path() {
+// The path `isa` names, or ("") the first path this CPU runs (the list ends with the
+// scalar one, which runs anywhere).
+const Path& path_or_best(const std::string& isa) {
+  if (!isa.empty()) return find_path(isa);
   for (const Path& p : kPaths)
     if (p.runnable()) return p;
   return kPaths[sizeof(kPaths) / sizeof(kPaths[0]) - 1];
@@ -499,13 +499,17 @@ ActBuf quantize_activation(const torch::Tensor& x, int64_t K, int64_t kp, const 
 
 int64_t padded(int64_t K) { return (K + kChunk - 1) / kChunk * kChunk; }
 
-void check_inputs(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, int64_t K) {
+void check_weight(const torch::Tensor& w, int64_t qtype, int64_t K) {
   const Format_ f = format_of(qtype);
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(),
               "w must be a contiguous 2-D uint8 CPU tensor [N, row_bytes]");
   TORCH_CHECK(K > 0 && K % f.block == 0, "K=", K, " is not a multiple of the block size ", f.block);
   TORCH_CHECK(w.size(1) == K / f.block * f.bytes, "K=", K, " needs ", K / f.block * f.bytes,
               " bytes per row, w has ", w.size(1));
+}
+
+void check_inputs(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype, int64_t K) {
+  check_weight(w, qtype, K);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.device().is_cpu(), "x must be a CPU tensor [M, K]");
 }
 
@@ -513,9 +517,8 @@ void check_inputs(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype,
 void store_output(const std::vector<float>& buf, torch::Tensor& y) {
   auto* dst = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   for (size_t i = 0; i < buf.size(); ++i) {
-    uint32_t u;
-    std::memcpy(&u, &buf[i], 4);
-    dst[i] = std::isnan(buf[i]) ? 0x7FC0 : static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+    if (std::isnan(buf[i])) dst[i] = 0x7FC0;
+    else store_value(buf[i], dst + i);
   }
 }
 
@@ -571,18 +574,13 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K,
 // CPU runs): the SIMD paths decode 16 (AVX-512) or 8 (AVX2) values a step, the scalar one
 // one; every path gives the same bits.
 torch::Tensor dequantize(torch::Tensor w, int64_t qtype, int64_t K, const std::string& isa, bool f32) {
-  const Format_ f = format_of(qtype);
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(),
-              "w must be a contiguous 2-D uint8 CPU tensor [N, row_bytes]");
-  TORCH_CHECK(K > 0 && K % f.block == 0, "K=", K, " is not a multiple of the block size ", f.block);
-  TORCH_CHECK(w.size(1) == K / f.block * f.bytes, "K=", K, " needs ", K / f.block * f.bytes,
-              " bytes per row, w has ", w.size(1));
+  check_weight(w, qtype, K);
   const int64_t N = w.size(0);
   torch::Tensor out = torch::empty({N, K}, w.options().dtype(f32 ? at::kFloat : at::kBFloat16));
   void* dst = out.data_ptr();
   const uint8_t* src = w.data_ptr<uint8_t>();
   const int64_t rb = w.size(1);
-  const DequantFn fn = (isa.empty() ? best_path() : find_path(isa)).dequant;
+  const DequantFn fn = path_or_best(isa).dequant;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     fn(src, rb, K, static_cast<int>(qtype), n0, n1, dst, f32);
   });
@@ -599,7 +597,7 @@ torch::Tensor dequantize(torch::Tensor w, int64_t qtype, int64_t K, const std::s
 torch::Tensor matmul_dequant_f32(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K,
                                  c10::optional<torch::Tensor> bias, const std::string& isa) {
   check_inputs(x, w, qtype, K);
-  const DequantFn fn = (isa.empty() ? best_path() : find_path(isa)).dequant;
+  const DequantFn fn = path_or_best(isa).dequant;
   const torch::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t M = x.size(0), N = w.size(0), rb = w.size(1);
   torch::Tensor bf;

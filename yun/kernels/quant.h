@@ -48,8 +48,19 @@ inline void with_type(int qtype, F&& f) {
   }
 }
 
-// A dequantized weight value as stored: float32 as computed, or bfloat16 rounded to
-// nearest even (no NaN arises: finite scales times small integers).
+// f(std::integral_constant<int, QT>{}, out) with `out` typed as float* (f32) or uint16_t*
+// (bfloat16): every path's dequantization entry point over its dequant_rows<QT, Out>.
+template <typename F>
+inline void with_type_and_out(int qtype, void* out, bool f32, F&& f) {
+  with_type(qtype, [&](auto t) {
+    if (f32) f(t, static_cast<float*>(out));
+    else f(t, static_cast<uint16_t*>(out));
+  });
+}
+
+// A value as stored: float32 as computed, or bfloat16 rounded to nearest even. Not for
+// NaN (a dequantized weight is never one: finite scales times small integers; callers with
+// NaN store their own).
 inline void store_value(float f, float* out) { *out = f; }
 inline void store_value(float f, uint16_t* out) {
   uint32_t u;

@@ -472,10 +472,8 @@ void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, in
 
 void dequant(const uint8_t* w, int64_t row_bytes, int64_t K, int qtype, int64_t n0, int64_t n1,
              void* out, bool f32) {
-  with_type(qtype, [&](auto t) {
-    constexpr int QT = decltype(t)::value;
-    if (f32) dequant_rows<QT>(w, row_bytes, K, n0, n1, static_cast<float*>(out));
-    else dequant_rows<QT>(w, row_bytes, K, n0, n1, static_cast<uint16_t*>(out));
+  with_type_and_out(qtype, out, f32, [&](auto t, auto* dst) {
+    dequant_rows<decltype(t)::value>(w, row_bytes, K, n0, n1, dst);
   });
 }
 

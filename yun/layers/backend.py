@@ -60,10 +60,9 @@ class QuantKernels:
         if activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, "
                              f"got {activations!r}")
-        from yun.kernels.cpu import QUANT_PATHS, cpu_features
+        from yun.kernels.cpu import quant_paths
 
-        have = cpu_features()  # less what YUN_MAX_CPU_ISA removes
-        usable = {name for name, needs in QUANT_PATHS if all(f in have for f in needs)}
+        usable = quant_paths()  # less what YUN_MAX_CPU_ISA removes
         runnable = [p for p in module.isas() if p in usable]
         chosen = isa or runnable[0]
         if chosen not in runnable:
