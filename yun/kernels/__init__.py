@@ -23,20 +23,21 @@ import torch
 log = logging.getLogger("yun.kernels")
 
 _SOURCES = ("gemv_bf16.cpp", "gemm_bf16.cpp", "paged_attention.cpp", "elementwise.cpp",
-            "decode_step.cpp")
+            "decode_step.cpp", "prefill_attention.cpp")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp",
           "-ffp-contract=off"]  # a * b + c stays two roundings, as in torch
 # The same functions for x86-64 CPUs with AVX2 + FMA + F16C and no AVX-512 (avx2/).
 _AVX2_SOURCES = (*(f"avx2/{s}" for s in ("module.cpp", "gemv_bf16.cpp", "gemm_bf16.cpp",
                                          "paged_attention.cpp", "elementwise.cpp")),
-                 "decode_step.cpp")  # ISA-neutral: calls the build's own kernels
+                 "decode_step.cpp",  # ISA-neutral: calls the build's own kernels
+                 "prefill_attention.cpp")  # ISA-neutral: the vector width by #ifdef
 _AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
 
 # The native kernel builds, best first: module name, sources, headers, compiler flags,
 # and the CPU flags (yun.kernels.cpu's names) a CPU needs to run it.
 ISAS = ("avx512", "avx2")
 _BUILDS = {
-    "avx512": ("yun_cpu_kernels", _SOURCES, ("bf16.h",), _FLAGS,
+    "avx512": ("yun_cpu_kernels", _SOURCES, ("bf16.h", "avx2/avx2.h"), _FLAGS,
                ("avx512f", "avx512bw", "avx512vl", "fma")),
     "avx2": ("yun_cpu_kernels_avx2", _AVX2_SOURCES, ("avx2/avx2.h",), _AVX2_FLAGS,
              ("avx2", "fma", "f16c")),
@@ -197,11 +198,14 @@ def quant_many_rows(isa: str | None = None,
 
 # From how many rows of x a quantized matmul takes quant_many_rows' GEMM: where it beats
 # the integer kernels once the dequantization is shared by that many rows.
-# vdpbf16ps (AMD Zen 4, 2 threads): the int16 kernels 130-150 GFLOP/s, the GEMM 330-380.
+# vdpbf16ps (AMD Zen 4, 2 threads, scripts/bench_quant.py, SmolLM2-135M's shapes and
+# 896 x 4864, Q5_0 Q8_0 Q4_K Q6_K, GFLOP/s dequantize_bf16 + GEMM / int16 kernels):
+# 96-176 / 122-168 at M = 16, 120-206 / 122-164 at 24 (even), 139-232 / 117-197 at 32,
+# 174-265 / 113-198 at 64 (2026-12-04; 128 before the dequantization got 3-6x faster).
 # AMX (Intel Xeon, 2 threads, SmolLM2-135M's MLP shapes, scripts/bench_quant.py): the int16
 # VNNI kernels 150-185 GFLOP/s at every M; dequantization + oneDNN 167-197 at M = 16,
 # 300-340 at 32, 470-560 at 64.
-DOT_MANY_ROWS_FROM = 128
+DOT_MANY_ROWS_FROM = 32
 AMX_MANY_ROWS_FROM = 32
 # The float32 path (quant.cpp's matmul_dequant_f32: the weight dequantized to float32, then
 # torch's float32 GEMM) against the int16 kernels, by the quantized path the CPU takes

@@ -80,6 +80,38 @@ def _decode_torch(q: torch.Tensor, cache: torch.Tensor, scale: float, meta: Atte
     return o.squeeze(2)
 
 
+def _packed_prefills(meta: AttentionMetadata, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(block_tables [P, max_blocks], q_starts, q_lens, ctx_lens [P]) of this step's
+    prefills, int64, built once per step (metadata) and kept on it."""
+    packed = meta.__dict__.get("_packed_prefills")
+    if packed is None:
+        ps = meta.prefills
+        width = max(int(p.block_table.numel()) for p in ps)
+        tables = torch.zeros(len(ps), width, dtype=torch.long, device=device)
+        for i, p in enumerate(ps):
+            tables[i, :p.block_table.numel()] = p.block_table
+        lens = torch.tensor([[p.q_start, p.q_len, p.ctx_len] for p in ps], dtype=torch.long,
+                            device=device).T.contiguous()
+        packed = (tables, lens[0], lens[1], lens[2])
+        meta.__dict__["_packed_prefills"] = packed
+    return packed
+
+
+def _native_prefill(q: torch.Tensor, cache: torch.Tensor, scale: float,
+                    meta: AttentionMetadata, window: int | None, out: torch.Tensor) -> bool:
+    """Every prefill of the step through the native kernel (prefill_attention.cpp) into
+    `out`, where it applies: CPU, a float32/bfloat16 cache of q's dtype, head_dim a
+    multiple of 64. False: the caller runs torch's SDPA instead."""
+    ops = current().fused if q.device.type == "cpu" else None
+    kernel = getattr(ops, "prefill_attention", None)
+    if (kernel is None or cache.dtype != q.dtype or q.dtype not in (torch.float32, torch.bfloat16)
+            or q.shape[-1] % 64 or q.stride(-1) != 1):
+        return False
+    tables, q_starts, q_lens, ctx_lens = _packed_prefills(meta, q.device)
+    kernel(q, cache[0], cache[1], tables, q_starts, q_lens, ctx_lens, out, scale, window or 0)
+    return True
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                     scale: float, meta: AttentionMetadata | None = None,
                     window: int | None = None) -> torch.Tensor:
@@ -94,13 +126,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     if native and nd == q.shape[0]:  # decodes only (every decode step): no copy into `out`
         return kernel(q, cache[0], cache[1], meta.decode_block_tables,
                       meta.decode_context_lens, scale, window or 0)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     gqa = q.shape[1] != k.shape[1]
     if nd and native:
         out[:nd] = kernel(q[:nd], cache[0], cache[1], meta.decode_block_tables,
                           meta.decode_context_lens, scale, window or 0)
     elif nd:
         out[:nd] = _decode_torch(q[:nd], cache, scale, meta, window, gqa)
+    if meta.prefills and _native_prefill(q, cache, scale, meta, window, out):
+        return out
     for p in meta.prefills:
         rows = slice(p.q_start, p.q_start + p.q_len)
         qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]

@@ -22,6 +22,9 @@ torch::Tensor decode_attention_qkv(torch::Tensor qkv, torch::Tensor cos, torch::
 std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor residual,
                                         torch::Tensor w, double eps);
 
+void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                       torch::Tensor block_tables, torch::Tensor q_starts, torch::Tensor q_lens,
+                       torch::Tensor ctx_lens, torch::Tensor out, double scale, int64_t window);
 void register_decode_plan(pybind11::module_& m);  // decode_step.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -43,5 +46,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("scale"),
         py::arg("window") = 0);
   m.def("add_rms_norm", &add_rms_norm, "(residual + x, RMSNorm of it) in one call");
+  m.def("prefill_attention", &prefill_attention,
+        "causal prefill attention of every prompt chunk of a step, from the paged KV cache "
+        "(prefill_attention.cpp), into out", py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("block_tables"), py::arg("q_starts"), py::arg("q_lens"),
+        py::arg("ctx_lens"), py::arg("out"), py::arg("scale"), py::arg("window") = 0);
   register_decode_plan(m);
 }
