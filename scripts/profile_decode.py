@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--kernel-isa", default="auto", choices=("auto", "avx512", "avx2"),
+                    help="the native build to run (as yun's --kernel-isa)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall-clock time, or this thread's CPU time (with --threads 1: "
                          "less disturbed by other processes on a shared machine)")
@@ -84,7 +86,8 @@ def main() -> None:
 
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.thread_time
-    llm = LLM(args.model, num_threads=args.threads, max_model_len=2048)
+    llm = LLM(args.model, num_threads=args.threads, max_model_len=2048,
+              kernel_isa=args.kernel_isa)
     eng = llm.engine
     eng.runner.model.use_decode_plan = not args.no_decode_plan
     prompt = [(7 * i + 13) % 5000 + 100 for i in range(args.prompt_len)]
