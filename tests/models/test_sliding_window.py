@@ -1,7 +1,8 @@
 """Sliding-window attention per layer (Qwen2 / Qwen3 configs) against transformers.
 
 A 20-token window on a 70-token prompt, on the layers the config marks: Qwen2 by
-`use_sliding_window` + `max_window_layers`, Qwen3 by `layer_types`. Float32 logits within
+`use_sliding_window` + `max_window_layers`, Qwen3 by `layer_types` (once with head_dim
+64, the native prefill attention's). Float32 logits within
 1e-4 in a fresh prefill, a chunk after a cached prefix and decode steps, on the torch
 decode path and the native kernel's; greedy batches; every block back at the end.
 """
@@ -26,8 +27,15 @@ CASES = {
                               sliding_window=20,
                               layer_types=["sliding_attention", "full_attention",
                                            "sliding_attention"]),
+    # head_dim 64: prefill and chunks through the native prefill attention kernel
+    "qwen3-head-dim-64": dict(architecture="Qwen3ForCausalLM", head_dim=64, rope_theta=1e4,
+                              tie_word_embeddings=False, use_sliding_window=True,
+                              sliding_window=20, num_attention_heads=4, num_key_value_heads=2,
+                              layer_types=["sliding_attention", "full_attention",
+                                           "sliding_attention"]),
 }
-WINDOWS = {"qwen2-max-window-layers": [None, 20, 20], "qwen3-layer-types": [20, None, 20]}
+WINDOWS = {"qwen2-max-window-layers": [None, 20, 20], "qwen3-layer-types": [20, None, 20],
+           "qwen3-head-dim-64": [20, None, 20]}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -58,6 +66,8 @@ def test_logits_match_transformers_with_a_window_smaller_than_the_prompt(case, n
         pytest.skip("no native kernel build for this CPU")
     llm = LLM(path, dtype="float32", kv_cache_memory=4 * 2**20, native_kernels=native)
     assert llm.engine.runner.backend.decode_name == ("native" if native else "torch")
+    if native and name == "qwen3-head-dim-64":
+        assert hasattr(llm.engine.runner.backend.fused, "prefill_attention")
     ids = _ids(70, 5)
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0].float()
