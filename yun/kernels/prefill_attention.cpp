@@ -4,9 +4,10 @@
 // same, only the vector helpers below differ.
 //
 // A work item is one KV head and a tile of BQ query positions of one sequence: its
-// BQ x G query rows (the G query heads sharing the KV head) go through the keys 16 at a
-// time, flash-attention style: the chunk's keys transposed to fp32 [D][16] once and
-// shared by every row, scores from broadcast FMAs (no horizontal sums), an online
+// BQ x G query rows (the G query heads sharing the KV head) go through the keys KC at a
+// time (64 with AVX-512, 32 with AVX2), flash-attention style: the chunk's keys
+// transposed to fp32 [D][KC] once (8 x 8 register transposes) and shared by every row,
+// scores from broadcast FMAs (no horizontal sums), an online
 // softmax (running max and sum per row, the output rescaled when the max grows), and the
 // weighted values accumulated in fp32. Items run longest first, taken off a shared
 // counter, so the causal triangle's long tiles do not all land on one thread. fp32 math
@@ -106,19 +107,22 @@ void run_item(const Item& it, const T* q, const T* kc, const T* vc, const int64_
               const int64_t* q_starts, const int64_t* q_lens, const int64_t* ctx_lens, T* out,
               const Geometry& g, std::vector<float>& buf) {
   const int64_t G = g.G, D = g.D, nq = it.i1 - it.i0, R = nq * G;
+  // Rows padded to whole score blocks: the padding's q is zero, its scores unused.
+  const int64_t Rp = (R + RB - 1) / RB * RB;
   const int64_t first_pos = ctx_lens[it.seq] - q_lens[it.seq];
   const int64_t* table = tables + it.seq * g.max_blocks;
   // Per-row buffers: q (scaled), output accumulators, scores / probabilities; the chunk's
   // transposed keys and its values.
-  buf.resize(R * D * 2 + R * KC + D * KC * 2 + 3 * R);
+  buf.resize(Rp * D + R * D + Rp * KC + D * KC * 2 + 3 * R);
   float* qb = buf.data();
-  float* ob = qb + R * D;
+  float* ob = qb + Rp * D;
   float* pb = ob + R * D;
-  float* kt = pb + R * KC;
+  float* kt = pb + Rp * KC;
   float* vb = kt + D * KC;
   float* mrow = vb + D * KC;
   float* lrow = mrow + R;
   std::fill(ob, ob + R * D, 0.f);
+  std::fill(qb + R * D, qb + Rp * D, 0.f);
   for (int64_t r = 0; r < R; ++r) {
     mrow[r] = -INFINITY;
     lrow[r] = 0.f;
@@ -161,32 +165,21 @@ void run_item(const Item& it, const T* q, const T* kc, const T* vc, const int64_
     const int64_t i_first = std::max<int64_t>(0, t0 - pos0);
     const int64_t r_first = i_first * G;
     if (r_first >= R) continue;
-    // Scores: s[r][j] = q_r . k_j for RB rows at a time.
-    for (int64_t r0 = r_first; r0 < R; r0 += RB) {
-      const int64_t rn = std::min<int64_t>(RB, R - r0);
+    // Scores: s[r][j] = q_r . k_j for whole blocks of RB rows (the first may start before
+    // r_first, the last run into the padding rows; neither's extra scores are read).
+    for (int64_t r0 = r_first / RB * RB; r0 < R; r0 += RB) {
       V acc[RB][KV];
       for (int r = 0; r < RB; ++r)
         for (int v = 0; v < KV; ++v) acc[r][v] = vzero();
-      if (rn == RB) {
-        for (int64_t d = 0; d < D; ++d) {
-          V kv[KV];
-          for (int v = 0; v < KV; ++v) kv[v] = vload(kt + d * KC + v * W);
-          for (int r = 0; r < RB; ++r) {
-            const V a = vset1(qb[(r0 + r) * D + d]);
-            for (int v = 0; v < KV; ++v) acc[r][v] = vfma(a, kv[v], acc[r][v]);
-          }
-        }
-      } else {
-        for (int64_t d = 0; d < D; ++d) {
-          V kv[KV];
-          for (int v = 0; v < KV; ++v) kv[v] = vload(kt + d * KC + v * W);
-          for (int r = 0; r < rn; ++r) {
-            const V a = vset1(qb[(r0 + r) * D + d]);
-            for (int v = 0; v < KV; ++v) acc[r][v] = vfma(a, kv[v], acc[r][v]);
-          }
+      for (int64_t d = 0; d < D; ++d) {
+        V kv[KV];
+        for (int v = 0; v < KV; ++v) kv[v] = vload(kt + d * KC + v * W);
+        for (int r = 0; r < RB; ++r) {
+          const V a = vset1(qb[(r0 + r) * D + d]);
+          for (int v = 0; v < KV; ++v) acc[r][v] = vfma(a, kv[v], acc[r][v]);
         }
       }
-      for (int r = 0; r < rn; ++r)
+      for (int r = 0; r < RB; ++r)
         for (int v = 0; v < KV; ++v) vstore(pb + (r0 + r) * KC + v * W, acc[r][v]);
     }
     // Online softmax per row: mask, new max, rescale, probabilities.
